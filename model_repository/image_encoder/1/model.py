@@ -1,0 +1,40 @@
+"""Triton python model: the ONNX image encoder in an ONNX Runtime session (CPU target).
+
+Triton's dynamic batcher hands several requests to one `execute()`; their
+images go through the encoder in one session call (the graph has a dynamic
+batch axis) and the embeddings are split back per request.
+"""
+
+import os
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from samtriton import spec
+from samtriton.serving.onnx_runtime import encode, make_session
+from samtriton.serving.triton_helpers import error_response, input_array, model_parameters, tensor
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = model_parameters(args)
+        path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
+        self.session = make_session(path, intra_op_threads=int(params.get("intra_op_threads", "0")))
+        self.input_name = spec.pixel_values(0, batched=True).name
+        self.output_name = spec.image_embeddings(batched=True).name
+
+    def execute(self, requests):
+        batches = []
+        for request in requests:
+            batches.append(input_array(request, self.input_name))
+        try:
+            embeddings = encode(self.session, np.concatenate(batches, axis=0))
+        except Exception as e:
+            return [error_response(e, "image_encoder") for _ in requests]
+        responses = []
+        start = 0
+        for batch in batches:
+            part = embeddings[start : start + batch.shape[0]]
+            start += batch.shape[0]
+            responses.append(pb_utils.InferenceResponse(output_tensors=[tensor(self.output_name, part)]))
+        return responses

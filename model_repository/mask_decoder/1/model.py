@@ -1,0 +1,52 @@
+"""Triton python model: the ONNX box mask decoder in an ONNX Runtime session (CPU target).
+
+All requests handed to one `execute()` are decoded in one session call: their
+embeddings are stacked, every box carries the index of its request's image,
+and the outputs are split back per request.
+"""
+
+import os
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from samtriton import spec
+from samtriton.serving.onnx_runtime import decode, make_session
+from samtriton.serving.triton_helpers import error_response, input_array, model_parameters, tensor
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = model_parameters(args)
+        path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
+        self.session = make_session(path, intra_op_threads=int(params.get("intra_op_threads", "0")))
+        self.embeddings_name = spec.image_embeddings(batched=False).name
+
+    def execute(self, requests):
+        embeddings, boxes, index, counts = [], [], [], []
+        for request in requests:
+            emb = input_array(request, self.embeddings_name)
+            req_boxes = input_array(request, spec.MODEL_BOXES.name)
+            index.append(np.full(req_boxes.shape[0], len(embeddings), dtype=np.int32))
+            embeddings.append(emb.reshape(-1, *spec.EMBEDDING_SHAPE))
+            boxes.append(req_boxes)
+            counts.append(req_boxes.shape[0])
+        try:
+            low_res, iou = decode(
+                self.session, np.concatenate(embeddings), np.concatenate(boxes), np.concatenate(index)
+            )
+        except Exception as e:
+            return [error_response(e, "mask_decoder") for _ in requests]
+        responses = []
+        start = 0
+        for n in counts:
+            responses.append(
+                pb_utils.InferenceResponse(
+                    output_tensors=[
+                        tensor(spec.LOW_RES_MASKS.name, low_res[start : start + n]),
+                        tensor(spec.IOU_PREDICTIONS.name, iou[start : start + n]),
+                    ]
+                )
+            )
+            start += n
+        return responses

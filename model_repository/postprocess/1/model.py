@@ -1,0 +1,43 @@
+"""Triton python model: low-res logits -> masks at the original size, RLE, scores.
+
+Only the outputs the client asked for are computed: a scores-only request
+skips the resize, and `masks` (N x H x W bytes) is built only when requested.
+"""
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from samtriton import spec
+from samtriton.serving.postprocessing import encode_rle, masks_from_logits
+from samtriton.serving.preprocessing import Geometry
+from samtriton.serving.triton_helpers import error_response, input_array, model_parameters, tensor
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.image_size = int(model_parameters(args)["image_size"])
+
+    def _one(self, request):
+        wanted = set(request.requested_output_names())
+        low_res = input_array(request, spec.LOW_RES_MASKS.name)
+        scores = input_array(request, spec.IOU_PREDICTIONS.name).astype(np.float32, copy=False)
+        geometry = Geometry.from_array(input_array(request, spec.IMAGE_GEOMETRY.name))
+        outputs = []
+        if spec.SCORES.name in wanted:
+            outputs.append(tensor(spec.SCORES.name, scores))
+        if wanted & {spec.MASKS.name, spec.MASKS_RLE.name}:
+            masks = masks_from_logits(low_res, geometry, self.image_size)
+            if spec.MASKS_RLE.name in wanted:
+                outputs.append(tensor(spec.MASKS_RLE.name, np.array(encode_rle(masks), dtype=np.object_)))
+            if spec.MASKS.name in wanted:
+                outputs.append(tensor(spec.MASKS.name, masks.view(np.uint8)))
+        return outputs
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                responses.append(pb_utils.InferenceResponse(output_tensors=self._one(request)))
+            except Exception as e:
+                responses.append(error_response(e, "postprocess"))
+        return responses

@@ -1,0 +1,47 @@
+"""Triton python model: encoded image + boxes -> encoder input, boxes in its frame, geometry.
+
+Each request is validated on its own: a bad image or bad boxes fail that
+request with INVALID_ARG naming the field, and its batch-mates go on.
+"""
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from samtriton import spec
+from samtriton.serving.errors import InvalidInput
+from samtriton.serving.preprocessing import Limits, preprocess
+from samtriton.serving.triton_helpers import error_response, input_array, model_parameters, tensor
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = model_parameters(args)
+        self.image_size = int(params["image_size"])
+        self.pixel_mean = [float(v) for v in params["pixel_mean"].split(",")]
+        self.pixel_std = [float(v) for v in params["pixel_std"].split(",")]
+        self.limits = Limits(
+            max_image_bytes=int(params["max_image_bytes"]),
+            max_pixels=int(params["max_pixels"]),
+            max_boxes=int(params["max_boxes"]),
+        )
+
+    def _one(self, request):
+        images = input_array(request, spec.IMAGE.name).reshape(-1)
+        if images.size != 1:
+            raise InvalidInput(spec.IMAGE.name, f"expected exactly one encoded image, got {images.size}")
+        boxes = input_array(request, spec.BOXES.name)
+        out = preprocess(images[0], boxes, self.image_size, self.pixel_mean, self.pixel_std, self.limits)
+        return [
+            tensor(spec.pixel_values(self.image_size, batched=False).name, out.pixel_values[np.newaxis]),
+            tensor(spec.MODEL_BOXES.name, out.model_boxes),
+            tensor(spec.IMAGE_GEOMETRY.name, out.geometry.as_array()),
+        ]
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                responses.append(pb_utils.InferenceResponse(output_tensors=self._one(request)))
+            except Exception as e:  # one response per request, whatever happens
+                responses.append(error_response(e, "preprocess"))
+        return responses

@@ -1,0 +1,108 @@
+"""Generate every config.pbtxt from `samtriton.spec`, as Triton `ModelConfig` protobufs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from samtriton import spec
+from samtriton.build.registry import ModelVariant
+from samtriton.serving.preprocessing import Limits
+
+
+@dataclass(frozen=True)
+class ServingOptions:
+    """Knobs of the generated repository that are not fixed by the model."""
+
+    encoder_max_batch_size: int = 4
+    encoder_queue_delay_us: int = 2000
+    encoder_preferred_batch_sizes: tuple[int, ...] = ()
+    encoder_instances: int = 1
+    decoder_instances: int = 1
+    preprocess_instances: int = 2
+    postprocess_instances: int = 2
+    # 0 lets ONNX Runtime use every core; set it when several instances share a host.
+    intra_op_threads: int = 0
+    limits: Limits = field(default_factory=Limits)
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """What the engines were built from; written into every config's parameters."""
+
+    description: str  # e.g. "checkpoint mobile_sam.pt sha256=..." or "RANDOM WEIGHTS (seed 0)"
+    random: bool
+
+
+def _add_tensors(container, tensors):
+    for t in tensors:
+        entry = container.add(name=t.name, data_type=getattr(mc, t.data_type), dims=list(t.dims))
+        if getattr(t, "optional", False):
+            entry.optional = True
+
+
+def _base(name: str, variant: ModelVariant, weights: WeightsInfo) -> mc.ModelConfig:
+    cfg = mc.ModelConfig(name=name)
+    cfg.parameters["samtriton_model"].string_value = variant.name
+    cfg.parameters["weights"].string_value = weights.description
+    cfg.parameters["random_weights"].string_value = "true" if weights.random else "false"
+    return cfg
+
+
+def _python_model(name, variant, weights, io: spec.ModelIO, instances: int, max_batch_size: int = 0):
+    cfg = _base(name, variant, weights)
+    cfg.backend = "python"
+    cfg.max_batch_size = max_batch_size
+    _add_tensors(cfg.input, io.inputs)
+    _add_tensors(cfg.output, io.outputs)
+    cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=instances)
+    return cfg
+
+
+def model_configs(variant: ModelVariant, weights: WeightsInfo, options: ServingOptions) -> dict[str, mc.ModelConfig]:
+    io = spec.model_io(variant.image_size)
+    size = str(variant.image_size)
+
+    pre = _python_model(spec.PREPROCESS, variant, weights, io[spec.PREPROCESS], options.preprocess_instances)
+    pre.parameters["image_size"].string_value = size
+    pre.parameters["pixel_mean"].string_value = ",".join(repr(v) for v in variant.pixel_mean)
+    pre.parameters["pixel_std"].string_value = ",".join(repr(v) for v in variant.pixel_std)
+    pre.parameters["max_image_bytes"].string_value = str(options.limits.max_image_bytes)
+    pre.parameters["max_pixels"].string_value = str(options.limits.max_pixels)
+    pre.parameters["max_boxes"].string_value = str(options.limits.max_boxes)
+
+    enc = _python_model(
+        spec.IMAGE_ENCODER, variant, weights, io[spec.IMAGE_ENCODER], options.encoder_instances,
+        max_batch_size=options.encoder_max_batch_size,
+    )
+    enc.dynamic_batching.max_queue_delay_microseconds = options.encoder_queue_delay_us
+    enc.dynamic_batching.preferred_batch_size.extend(options.encoder_preferred_batch_sizes)
+    enc.parameters["intra_op_threads"].string_value = str(options.intra_op_threads)
+
+    dec = _python_model(spec.MASK_DECODER, variant, weights, io[spec.MASK_DECODER], options.decoder_instances)
+    dec.parameters["intra_op_threads"].string_value = str(options.intra_op_threads)
+
+    post = _python_model(spec.POSTPROCESS, variant, weights, io[spec.POSTPROCESS], options.postprocess_instances)
+    post.parameters["image_size"].string_value = size
+
+    ens = _base(spec.ENSEMBLE, variant, weights)
+    ens.platform = "ensemble"
+    ens.max_batch_size = 0
+    _add_tensors(ens.input, io[spec.ENSEMBLE].inputs)
+    _add_tensors(ens.output, io[spec.ENSEMBLE].outputs)
+    for model, inputs, outputs in spec.ensemble_steps(variant.image_size):
+        step = ens.ensemble_scheduling.step.add(model_name=model, model_version=-1)
+        step.input_map.update(inputs)
+        step.output_map.update(outputs)
+
+    return {c.name: c for c in (ens, pre, enc, dec, post)}
+
+
+def to_pbtxt(cfg: mc.ModelConfig) -> str:
+    return text_format.MessageToString(cfg)
+
+
+def parse_pbtxt(text: str) -> mc.ModelConfig:
+    return text_format.Parse(text, mc.ModelConfig())

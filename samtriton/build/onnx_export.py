@@ -1,0 +1,135 @@
+"""PyTorch -> ONNX for the image encoder and the box mask decoder, with parity checks.
+
+Opset 17, the TorchScript-based exporter: the graphs contain Conv, MatMul,
+Gemm, Softmax, Erf/Gelu pieces, Gather (index_select), Reshape/Transpose,
+ConvTranspose, LayerNormalization, Sin/Cos.  All of them are TensorRT 10 layers;
+the only dynamic axes are the image batch and the number of boxes.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from samtriton import spec
+from samtriton.build.export_wrappers import BoxMaskDecoderExport, ImageEncoderExport, batch_agnostic
+
+OPSET = 17
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    encoder_max_abs_diff: float
+    decoder_mask_max_abs_diff: float
+    decoder_iou_max_abs_diff: float
+
+    def lines(self) -> list[str]:
+        return [
+            f"encoder embeddings  max |onnx - torch| = {self.encoder_max_abs_diff:.3g}",
+            f"decoder mask logits max |onnx - torch| = {self.decoder_mask_max_abs_diff:.3g}",
+            f"decoder iou scores  max |onnx - torch| = {self.decoder_iou_max_abs_diff:.3g}",
+        ]
+
+
+def _export(module, args, path, input_names, output_names, dynamic_axes):
+    with warnings.catch_warnings():
+        # The tracer warns about every python int taken from a shape; the
+        # parity check below is what tells whether the graph is right.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes=dynamic_axes,
+            opset_version=OPSET,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+
+
+def export_encoder(sam: torch.nn.Module, image_size: int, path: Path) -> None:
+    encoder = ImageEncoderExport(sam).eval()
+    example = torch.zeros(1, 3, image_size, image_size)
+    pv = spec.pixel_values(image_size, batched=True).name
+    emb = spec.image_embeddings(batched=True).name
+    with torch.no_grad(), batch_agnostic(encoder):
+        _export(encoder, (example,), path, [pv], [emb], {pv: {0: "images"}, emb: {0: "images"}})
+
+
+def export_decoder(sam: torch.nn.Module, path: Path) -> None:
+    decoder = BoxMaskDecoderExport(sam).eval()
+    embeddings = torch.zeros(2, *spec.EMBEDDING_SHAPE)
+    boxes = torch.tensor([[10.0, 20.0, 300.0, 400.0], [0.0, 0.0, 50.0, 60.0], [5.0, 5.0, 900.0, 700.0]])
+    index = torch.tensor([0, 1, 1], dtype=torch.int32)
+    names_in = [spec.image_embeddings(batched=True).name, spec.MODEL_BOXES.name, spec.BOX_IMAGE_INDEX.name]
+    names_out = [spec.LOW_RES_MASKS.name, spec.IOU_PREDICTIONS.name]
+    axes = {
+        names_in[0]: {0: "images"},
+        names_in[1]: {0: "boxes"},
+        names_in[2]: {0: "boxes"},
+        names_out[0]: {0: "boxes"},
+        names_out[1]: {0: "boxes"},
+    }
+    with torch.no_grad():
+        _export(decoder, (embeddings, boxes, index), path, names_in, names_out, axes)
+
+
+def check_parity(sam: torch.nn.Module, image_size: int, encoder_path: Path, decoder_path: Path,
+                 seed: int = 0) -> ParityReport:
+    """Run the exported graphs and the PyTorch modules on the same random inputs.
+
+    The encoder is run at batch 2 (a graph that froze the batch size fails
+    here), the decoder with boxes spread over two images.
+    """
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(seed)
+    pixels = rng.standard_normal((2, 3, image_size, image_size)).astype(np.float32)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    enc = ort.InferenceSession(str(encoder_path), opts, providers=["CPUExecutionProvider"])
+    onnx_emb = enc.run(None, {enc.get_inputs()[0].name: pixels})[0]
+    with torch.no_grad():
+        torch_emb = sam.image_encoder(torch.from_numpy(pixels)).numpy()
+
+    n = 6
+    xy0 = rng.uniform(0, image_size * 0.6, size=(n, 2))
+    wh = rng.uniform(8, image_size * 0.4, size=(n, 2))
+    boxes = np.concatenate([xy0, xy0 + wh], axis=1).astype(np.float32)
+    index = np.array([0, 1, 0, 1, 1, 0], dtype=np.int32)
+    dec = ort.InferenceSession(str(decoder_path), opts, providers=["CPUExecutionProvider"])
+    onnx_masks, onnx_iou = dec.run(
+        None,
+        {
+            spec.image_embeddings(batched=True).name: torch_emb,
+            spec.MODEL_BOXES.name: boxes,
+            spec.BOX_IMAGE_INDEX.name: index,
+        },
+    )
+    # Reference: the upstream modules, one image at a time, as the predictor calls them.
+    ref_masks = np.empty_like(onnx_masks)
+    ref_iou = np.empty_like(onnx_iou)
+    with torch.no_grad():
+        for image in (0, 1):
+            sel = np.flatnonzero(index == image)
+            sparse, dense = sam.prompt_encoder(points=None, boxes=torch.from_numpy(boxes[sel]), masks=None)
+            masks, iou = sam.mask_decoder(
+                image_embeddings=torch.from_numpy(torch_emb[image : image + 1]),
+                image_pe=sam.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
+            )
+            ref_masks[sel] = masks[:, 0].numpy()
+            ref_iou[sel] = iou[:, 0].numpy()
+    return ParityReport(
+        encoder_max_abs_diff=float(np.abs(onnx_emb - torch_emb).max()),
+        decoder_mask_max_abs_diff=float(np.abs(onnx_masks - ref_masks).max()),
+        decoder_iou_max_abs_diff=float(np.abs(onnx_iou - ref_iou).max()),
+    )

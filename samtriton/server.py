@@ -1,0 +1,188 @@
+"""Run the real tritonserver 2.51 that the nvidia-pytriton wheel carries, without Docker.
+
+The wheel ships the server binary, the python backend and one python stub per
+Python version.  The backend looks for its stub beside itself, so the server
+tree is copied once into the virtual environment (`<venv>/share/samtriton/`)
+with the stub of the running Python put in place; site-packages stays as
+installed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TRITON_VERSION = "2.51.0"  # the server inside nvidia-pytriton 0.7.0; tritonclient is pinned to match
+EXIT_TIMEOUT_S = 30
+# Python-backend shared memory: one region per model instance, grown in steps;
+# an encoder input is 12 MB, a request's full-size masks can be tens of MB.
+SHM_DEFAULT_BYTES = 16 * 1024 * 1024
+SHM_GROWTH_BYTES = 16 * 1024 * 1024
+
+
+class TritonNotInstalled(RuntimeError):
+    pass
+
+
+def _pytriton_dirs() -> tuple[Path, Path]:
+    try:
+        import pytriton
+    except ImportError as e:
+        raise TritonNotInstalled("nvidia-pytriton is not installed: run `make setup`") from e
+    package = Path(pytriton.__file__).parent
+    return package / "tritonserver", package.parent / "nvidia_pytriton.libs"
+
+
+def triton_home() -> Path:
+    """A runnable copy of the server tree, made on first use."""
+    source, _ = _pytriton_dirs()
+    home = Path(sys.prefix) / "share" / "samtriton" / f"tritonserver-{TRITON_VERSION}"
+    stub = home / "backends" / "python" / "triton_python_backend_stub"
+    if stub.exists():
+        return home
+    py = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub_source = source / "python_backend_stubs" / py / "triton_python_backend_stub"
+    if not stub_source.exists():
+        raise TritonNotInstalled(f"no python backend stub for Python {py} in {source}")
+    staging = home.with_name(home.name + f".tmp{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging, ignore=shutil.ignore_patterns("python_backend_stubs"))
+    shutil.copy2(stub_source, staging / "backends" / "python" / "triton_python_backend_stub")
+    shutil.rmtree(home, ignore_errors=True)
+    staging.rename(home)
+    return home
+
+
+def server_env() -> dict[str, str]:
+    """The server's environment: the wheel's libraries, and this venv's python first on PATH
+    (the stub runs `python` models with it, so they import numpy, onnxruntime, samtriton)."""
+    _, libs = _pytriton_dirs()
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
+    env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
+    return env
+
+
+@dataclass
+class ServerOptions:
+    model_repository: Path
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    # Header name:value that unlocks the model-repository and shared-memory
+    # APIs; a random one per launch unless given.
+    admin_header: str = field(default_factory=lambda: f"samtriton-admin-key:{secrets.token_hex(16)}")
+    exit_timeout_s: int = EXIT_TIMEOUT_S
+    log_verbose: int = 0
+    extra_args: tuple[str, ...] = ()
+
+
+def server_command(opts: ServerOptions, home: Path | None = None) -> list[str]:
+    home = home or triton_home()
+    header_key, _, header_value = opts.admin_header.partition(":")
+    restricted = f"model-repository,shared-memory:{header_key}={header_value}"
+    return [
+        str(home / "bin" / "tritonserver"),
+        f"--model-repository={Path(opts.model_repository).resolve()}",
+        f"--backend-directory={home / 'backends'}",
+        f"--cache-directory={home / 'caches'}",
+        f"--http-port={opts.http_port}",
+        f"--grpc-port={opts.grpc_port}",
+        f"--metrics-port={opts.metrics_port}",
+        # Secure defaults: no model loading/unloading over the API, and the
+        # repository and shared-memory APIs only with the admin header.
+        "--model-control-mode=none",
+        f"--grpc-restricted-protocol={restricted}",
+        f"--http-restricted-api={restricted}",
+        f"--exit-timeout-secs={opts.exit_timeout_s}",
+        "--strict-readiness=true",
+        f"--backend-config=python,shm-default-byte-size={SHM_DEFAULT_BYTES}",
+        f"--backend-config=python,shm-growth-byte-size={SHM_GROWTH_BYTES}",
+        f"--log-verbose={opts.log_verbose}",
+        *opts.extra_args,
+    ]
+
+
+def _die_with_parent():
+    # Tie the server's life to its parent: a killed test run or CLI must not
+    # leave a tritonserver (and its python stubs) behind.
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def start(opts: ServerOptions, stdout=None, stderr=None) -> subprocess.Popen:
+    return subprocess.Popen(
+        server_command(opts),
+        env=server_env(),
+        stdout=stdout,
+        stderr=stderr,
+        preexec_fn=_die_with_parent,
+        start_new_session=True,  # a terminal's Ctrl-C reaches us once; we forward it
+    )
+
+
+def run_foreground(opts: ServerOptions) -> int:
+    """Run tritonserver until it exits; SIGINT/SIGTERM are passed on so Triton
+    drains in-flight requests (up to --exit-timeout-secs) before it stops."""
+    proc = start(opts)
+
+    def forward(signum, _frame):
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, forward)
+    return proc.wait()
+
+
+def is_ready(http_port: int, host: str = "127.0.0.1", timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{host}:{http_port}/v2/health/ready", timeout=timeout) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def wait_ready(proc: subprocess.Popen, http_port: int, timeout_s: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"tritonserver exited with code {proc.returncode} before it was ready")
+        if is_ready(http_port):
+            return
+        time.sleep(0.25)
+    raise TimeoutError(f"tritonserver not ready after {timeout_s:.0f} s")
+
+
+def stop(proc: subprocess.Popen, timeout_s: float = EXIT_TIMEOUT_S + 15) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+def free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()

@@ -1,0 +1,39 @@
+"""ONNX Runtime sessions for the encoder and decoder, and the calls the Triton models make.
+
+Both the python-backend models and the in-process pipeline go through these
+functions, so "served vs in-process" compares the same computation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from samtriton import spec
+
+
+def make_session(path: str, intra_op_threads: int = 0, inter_op_threads: int = 1):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = intra_op_threads  # 0: one per core
+    opts.inter_op_num_threads = inter_op_threads
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
+
+def encode(session, pixel_values: np.ndarray) -> np.ndarray:
+    """(B, 3, S, S) -> (B, 256, 64, 64)."""
+    name = spec.pixel_values(0, batched=True).name
+    return session.run(None, {name: np.ascontiguousarray(pixel_values, dtype=np.float32)})[0]
+
+
+def decode(session, embeddings: np.ndarray, model_boxes: np.ndarray, box_image_index: np.ndarray):
+    """Boxes of several images in one call -> ((N, 256, 256) logits, (N,) iou predictions)."""
+    feeds = {
+        spec.image_embeddings(batched=True).name: np.ascontiguousarray(embeddings, dtype=np.float32),
+        spec.MODEL_BOXES.name: np.ascontiguousarray(model_boxes, dtype=np.float32),
+        spec.BOX_IMAGE_INDEX.name: np.ascontiguousarray(box_image_index, dtype=np.int32),
+    }
+    low_res, iou = session.run([spec.LOW_RES_MASKS.name, spec.IOU_PREDICTIONS.name], feeds)
+    return low_res, iou

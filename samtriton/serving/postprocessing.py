@@ -1,0 +1,103 @@
+"""Low-resolution mask logits -> binary masks at the original image size.
+
+The upstream predictor upsamples the 256x256 logits bilinearly to the padded
+encoder frame, crops the padding, resizes bilinearly to the original size
+(`F.interpolate(..., mode="bilinear", align_corners=False)` both times) and
+thresholds at 0.  Random-weight decoders produce high-frequency masks, so any
+shortcut here (one resize instead of two, another interpolation) costs whole
+percent of IoU; this module reproduces the two steps with torch's sampling
+rule in numpy.  The crop is folded into the first step by computing only the
+rows and columns that survive it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from samtriton.serving.preprocessing import Geometry
+
+MASK_THRESHOLD = 0.0
+# Masks resized per chunk, to bound the float32 temporaries to a few hundred MB.
+_CHUNK_ELEMENTS = 48 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Taps:
+    """Two-tap linear interpolation along one axis: out[i] = w0[i]*x[i0[i]] + w1[i]*x[i1[i]]."""
+
+    i0: np.ndarray
+    i1: np.ndarray
+    w0: np.ndarray
+    w1: np.ndarray
+
+
+def bilinear_taps(in_size: int, out_size: int, keep: int | None = None) -> Taps:
+    """torch's bilinear rule (align_corners=False, no antialias) for one axis.
+
+    `keep` computes only the first `keep` outputs (the crop after upsampling).
+    The arithmetic is float32, as torch's CPU kernel does it for float input.
+    """
+    keep = out_size if keep is None else keep
+    scale = np.float32(in_size) / np.float32(out_size)
+    dst = np.arange(keep, dtype=np.float32)
+    src = scale * (dst + np.float32(0.5)) - np.float32(0.5)
+    src = np.maximum(src, np.float32(0.0))
+    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    i1 = np.minimum(i0 + 1, in_size - 1)
+    w1 = (src - i0.astype(np.float32)).astype(np.float32)
+    w0 = (np.float32(1.0) - w1).astype(np.float32)
+    return Taps(i0, i1, w0, w1)
+
+
+def _resize(x: np.ndarray, rows: Taps, cols: Taps) -> np.ndarray:
+    """(N, H, W) -> (N, len(rows), len(cols)); width pass first, as torch's kernel nests it."""
+    x = x[:, :, cols.i0] * cols.w0 + x[:, :, cols.i1] * cols.w1
+    return x[:, rows.i0, :] * rows.w0[:, None] + x[:, rows.i1, :] * rows.w1[:, None]
+
+
+def masks_from_logits(low_res: np.ndarray, geometry: Geometry, encoder_size: int) -> np.ndarray:
+    """(N, 256, 256) float32 logits -> (N, H, W) bool masks at the original size."""
+    n, low_h, low_w = low_res.shape
+    g = geometry
+    up_rows = bilinear_taps(low_h, encoder_size, keep=g.input_h)
+    up_cols = bilinear_taps(low_w, encoder_size, keep=g.input_w)
+    down_rows = bilinear_taps(g.input_h, g.original_h)
+    down_cols = bilinear_taps(g.input_w, g.original_w)
+    out = np.empty((n, g.original_h, g.original_w), dtype=bool)
+    per_mask = max(g.input_h * g.input_w, g.original_h * g.original_w)
+    chunk = max(1, _CHUNK_ELEMENTS // per_mask)
+    low_res = low_res.astype(np.float32, copy=False)
+    for start in range(0, n, chunk):
+        part = _resize(low_res[start : start + chunk], up_rows, up_cols)
+        part = _resize(part, down_rows, down_cols)
+        out[start : start + chunk] = part > MASK_THRESHOLD
+    return out
+
+
+def encode_rle(masks: np.ndarray) -> list[bytes]:
+    """(N, H, W) bool -> one COCO compressed RLE per mask, as JSON bytes {"size": [h, w], "counts": str}."""
+    from pycocotools import mask as mask_utils
+
+    if masks.shape[0] == 0:
+        return []
+    rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+    return [
+        json.dumps({"size": [int(s) for s in r["size"]], "counts": r["counts"].decode("ascii")}).encode()
+        for r in rles
+    ]
+
+
+def decode_rle(encoded: list[bytes | str]) -> np.ndarray:
+    """Inverse of `encode_rle`: JSON COCO RLEs -> (N, H, W) bool."""
+    from pycocotools import mask as mask_utils
+
+    rles = []
+    for item in encoded:
+        rle = json.loads(item)
+        rles.append({"size": rle["size"], "counts": rle["counts"].encode("ascii")})
+    if not rles:
+        return np.zeros((0, 0, 0), dtype=bool)
+    return mask_utils.decode(rles).transpose(2, 0, 1).astype(bool)

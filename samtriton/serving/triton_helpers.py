@@ -1,0 +1,36 @@
+"""Helpers for the python-backend models; importable only inside Triton's python stub."""
+
+from __future__ import annotations
+
+import json
+import traceback
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from samtriton.serving.errors import InvalidInput
+
+
+def model_parameters(args: dict) -> dict[str, str]:
+    config = json.loads(args["model_config"])
+    return {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+
+
+def input_array(request, name: str) -> np.ndarray:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        raise InvalidInput(name, "missing")
+    return tensor.as_numpy()
+
+
+def error_response(exc: BaseException, model_name: str):
+    if isinstance(exc, InvalidInput):
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
+    pb_utils.Logger.log_error(f"{model_name}: {traceback.format_exc()}")
+    return pb_utils.InferenceResponse(
+        error=pb_utils.TritonError(f"{model_name}: internal error: {exc}", pb_utils.TritonError.INTERNAL)
+    )
+
+
+def tensor(name: str, array: np.ndarray):
+    return pb_utils.Tensor(name, array)
