@@ -10,6 +10,7 @@ installed.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import secrets
 import shutil
@@ -21,6 +22,8 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from samtriton import spec
 
 TRITON_VERSION = "2.51.0"  # the server inside nvidia-pytriton 0.7.0; tritonclient is pinned to match
 EXIT_TIMEOUT_S = 30
@@ -131,17 +134,82 @@ def start(opts: ServerOptions, stdout=None, stderr=None) -> subprocess.Popen:
     )
 
 
-def run_foreground(opts: ServerOptions) -> int:
-    """Run tritonserver until it exits; SIGINT/SIGTERM are passed on so Triton
-    drains in-flight requests (up to --exit-timeout-secs) before it stops."""
-    proc = start(opts)
+def ensemble_in_flight(http_port: int, host: str = "127.0.0.1") -> tuple[int, tuple[int, ...]]:
+    """Requests inside the `sam` ensemble, from Triton's statistics, and the
+    counters it was computed from.
 
-    def forward(signum, _frame):
-        if proc.poll() is None:
+    Triton 2.51 keeps no in-flight count for ensembles (their pending count
+    stays 0), so it is derived from the steps: requests that got through
+    preprocess, less those the postprocess finished or a middle step failed.
+    A request still inside preprocess is not counted; callers compare the
+    counters over a short interval to see it.
+    """
+    with urllib.request.urlopen(f"http://{host}:{http_port}/v2/models/stats", timeout=5) as r:
+        stats = json.load(r)
+    by_model = {m["name"]: m.get("inference_stats", {}) for m in stats.get("model_stats", [])}
+
+    def count(model: str, kind: str) -> int:
+        return int(by_model.get(model, {}).get(kind, {}).get("count", 0))
+
+    entered = count(spec.PREPROCESS, "success")
+    finished = (
+        count(spec.POSTPROCESS, "success")
+        + count(spec.POSTPROCESS, "fail")
+        + count(spec.IMAGE_ENCODER, "fail")
+        + count(spec.MASK_DECODER, "fail")
+    )
+    counters = (entered, count(spec.PREPROCESS, "fail"), finished)
+    return entered - finished, counters
+
+
+def drain(http_port: int, timeout_s: float, settle_s: float = 1.0, poll_s: float = 0.1) -> bool:
+    """Wait until no request is in flight and the counters stay still for
+    `settle_s`; False if `timeout_s` passed first."""
+    deadline = time.monotonic() + timeout_s
+    quiet_since, last = None, None
+    while time.monotonic() < deadline:
+        try:
+            busy, counters = ensemble_in_flight(http_port)
+        except (OSError, ValueError):
+            return True  # no statistics to read: the server is not serving
+        now = time.monotonic()
+        if busy == 0 and counters == last:
+            quiet_since = quiet_since or now
+            if now - quiet_since >= settle_s:
+                return True
+        else:
+            quiet_since = None
+        last = counters
+        time.sleep(poll_s)
+    return False
+
+
+def run_foreground(opts: ServerOptions, log=lambda msg: print(f"samtriton: {msg}", file=sys.stderr)) -> int:
+    """Run tritonserver until it exits or SIGINT/SIGTERM arrives.
+
+    On the first signal, in-flight ensemble requests are drained before Triton
+    is told to stop: Triton 2.51, once stopping, refuses the next step of an
+    ensemble request that is already running, so signalling it at once fails
+    them.  A second signal is passed on at once.
+    """
+    proc = start(opts)
+    signals: list[int] = []
+
+    def on_signal(signum, _frame):
+        signals.append(signum)
+        if len(signals) > 1 and proc.poll() is None:
             proc.send_signal(signum)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, forward)
+        signal.signal(sig, on_signal)
+    while proc.poll() is None and not signals:
+        time.sleep(0.2)
+    if proc.poll() is None:
+        log(f"{signal.Signals(signals[0]).name}: finishing in-flight requests")
+        if not drain(opts.http_port, timeout_s=opts.exit_timeout_s):
+            log(f"requests still in flight after {opts.exit_timeout_s} s; stopping anyway")
+        if proc.poll() is None and len(signals) == 1:
+            proc.send_signal(signal.SIGTERM)
     return proc.wait()
 
 

@@ -106,3 +106,13 @@ def to_pbtxt(cfg: mc.ModelConfig) -> str:
 
 def parse_pbtxt(text: str) -> mc.ModelConfig:
     return text_format.Parse(text, mc.ModelConfig())
+
+
+if __name__ == "__main__":
+    # Regenerate the configs committed under model_repository/ (the defaults
+    # of the CPU target, with a placeholder for the weights).
+    from samtriton.build.registry import DEFAULT_MODEL, get_variant
+    from samtriton.build.repository import MODEL_SOURCES, TEMPLATE_WEIGHTS, write_configs
+
+    write_configs(MODEL_SOURCES, get_variant(DEFAULT_MODEL), TEMPLATE_WEIGHTS, ServingOptions())
+    print(f"wrote configs under {MODEL_SOURCES}")

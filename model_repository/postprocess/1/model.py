@@ -1,13 +1,15 @@
 """Triton python model: low-res logits -> masks at the original size, RLE, scores.
 
-Only the outputs the client asked for are computed: a scores-only request
-skips the resize, and `masks` (N x H x W bytes) is built only when requested.
+Only the outputs named in the request parameter `outputs` are computed (see
+samtriton.serving.outputs): a scores-only request skips the resize, and
+`masks` (N x H x W bytes) is built only when asked for.
 """
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from samtriton import spec
+from samtriton.serving.outputs import requested_outputs
 from samtriton.serving.postprocessing import encode_rle, masks_from_logits
 from samtriton.serving.preprocessing import Geometry
 from samtriton.serving.triton_helpers import error_response, input_array, model_parameters, tensor
@@ -18,7 +20,7 @@ class TritonPythonModel:
         self.image_size = int(model_parameters(args)["image_size"])
 
     def _one(self, request):
-        wanted = set(request.requested_output_names())
+        wanted = requested_outputs(request.parameters())
         low_res = input_array(request, spec.LOW_RES_MASKS.name)
         scores = input_array(request, spec.IOU_PREDICTIONS.name).astype(np.float32, copy=False)
         geometry = Geometry.from_array(input_array(request, spec.IMAGE_GEOMETRY.name))

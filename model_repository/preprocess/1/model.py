@@ -9,6 +9,7 @@ import triton_python_backend_utils as pb_utils
 
 from samtriton import spec
 from samtriton.serving.errors import InvalidInput
+from samtriton.serving.outputs import requested_outputs
 from samtriton.serving.preprocessing import Limits, preprocess
 from samtriton.serving.triton_helpers import error_response, input_array, model_parameters, tensor
 
@@ -26,6 +27,8 @@ class TritonPythonModel:
         )
 
     def _one(self, request):
+        # Fail a bad `outputs` parameter here, before the encoder spends seconds.
+        requested_outputs(request.parameters())
         images = input_array(request, spec.IMAGE.name).reshape(-1)
         if images.size != 1:
             raise InvalidInput(spec.IMAGE.name, f"expected exactly one encoded image, got {images.size}")

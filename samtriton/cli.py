@@ -1,0 +1,240 @@
+"""The `samtriton` command: build a model repository, serve it, segment with it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _parse_box(text: str) -> list[float]:
+    parts = text.split(",")
+    if len(parts) != 4:
+        raise argparse.ArgumentTypeError(f"expected x0,y0,x1,y1, got {text!r}")
+    try:
+        return [float(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected four numbers x0,y0,x1,y1, got {text!r}") from None
+
+
+def cmd_models(args) -> int:
+    from samtriton.build.registry import MODEL_REGISTRY
+
+    for v in MODEL_REGISTRY.values():
+        print(f"{v.name:<12} input {v.image_size}x{v.image_size}  checkpoint {v.checkpoint_file:<16} {v.description}")
+    return 0
+
+
+def cmd_build(args) -> int:
+    from samtriton.build.checkpoint import CheckpointError
+    from samtriton.build.configs import ServingOptions
+    from samtriton.build.registry import UnknownModelError, get_variant
+    from samtriton.build.repository import build_repository
+    from samtriton.serving.preprocessing import Limits
+
+    try:
+        variant = get_variant(args.model)
+    except UnknownModelError as e:
+        print(f"samtriton build: {e}", file=sys.stderr)
+        return 2
+    options = ServingOptions(
+        encoder_max_batch_size=args.encoder_max_batch_size,
+        encoder_queue_delay_us=args.encoder_queue_delay_us,
+        intra_op_threads=args.intra_op_threads,
+        limits=Limits(max_image_bytes=args.max_image_bytes, max_pixels=args.max_pixels, max_boxes=args.max_boxes),
+    )
+    try:
+        build_repository(
+            variant,
+            args.out,
+            checkpoint=None if args.random_weights else args.checkpoint,
+            random_seed=args.seed if args.random_weights else None,
+            options=options,
+        )
+    except (CheckpointError, FileNotFoundError) as e:
+        print(f"samtriton build: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from samtriton import server
+
+    repo = Path(args.model_repository)
+    if not (repo / "sam" / "config.pbtxt").exists():
+        print(f"samtriton serve: {repo} is not a samtriton model repository (run `samtriton build` first)",
+              file=sys.stderr)
+        return 2
+    opts = server.ServerOptions(
+        model_repository=repo,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        log_verbose=args.log_verbose,
+        **({"admin_header": f"samtriton-admin-key:{os.environ['SAMTRITON_ADMIN_KEY']}"}
+           if os.environ.get("SAMTRITON_ADMIN_KEY") else {}),
+    )
+    print(
+        f"samtriton: serving {repo} over HTTP :{args.http_port}, gRPC :{args.grpc_port}, "
+        f"metrics :{args.metrics_port} (Ctrl-C stops it after in-flight requests finish)",
+        file=sys.stderr,
+    )
+    return server.run_foreground(opts)
+
+
+def _print_result(result) -> None:
+    for i, (score, area, box) in enumerate(zip(result.scores, result.areas, result.boxes)):
+        box_text = ",".join(f"{v:g}" for v in box)
+        print(f"mask {i}: score={score:.4f} area={int(area)} box={box_text}")
+
+
+def _write_json(path, image_label, result) -> None:
+    from samtriton.serving.postprocessing import encode_rle
+
+    rles = result.rles or encode_rle(result.masks)
+    doc = {
+        "image": image_label,
+        "height": int(result.masks.shape[1]),
+        "width": int(result.masks.shape[2]),
+        "masks": [
+            {
+                "box": [float(v) for v in box],
+                "score": float(score),
+                "area": int(area),
+                "segmentation": json.loads(rle),
+            }
+            for box, score, area, rle in zip(result.boxes, result.scores, result.areas, rles)
+        ],
+    }
+    Path(path).write_text(json.dumps(doc, indent=1))
+
+
+def cmd_segment(args) -> int:
+    from samtriton.client import SamClient, SamTritonError
+    from samtriton.client.overlay import draw_overlay
+
+    if not args.box:
+        print("samtriton segment: give at least one --box x0,y0,x1,y1", file=sys.stderr)
+        return 2
+    try:
+        with SamClient(args.url, protocol=args.protocol, model_name=args.model_name) as client:
+            started = time.perf_counter()
+            result = client.segment(args.image, args.box)
+            elapsed = time.perf_counter() - started
+    except SamTritonError as e:
+        print(f"samtriton segment: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"samtriton segment: {e}", file=sys.stderr)
+        return 1
+    _print_result(result)
+    print(f"{len(result)} masks in {elapsed * 1000:.0f} ms", file=sys.stderr)
+    if args.overlay:
+        draw_overlay(args.image, result.masks, result.boxes).save(args.overlay)
+        print(f"wrote {args.overlay}", file=sys.stderr)
+    if args.json:
+        _write_json(args.json, str(args.image), result)
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Start a server in the background, segment the sample scene, write the overlay, stop."""
+    from samtriton import server
+    from samtriton.client import SamClient
+    from samtriton.client.overlay import draw_overlay
+    from samtriton.sample_image import sample_scene
+
+    image, boxes = sample_scene()
+    out = Path(args.overlay)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image_path = out.with_name("demo_input.jpg")
+    image.save(image_path, quality=92)
+    http, grpc, metrics = server.free_ports(3)
+    with tempfile.TemporaryFile() as log:
+        proc = server.start(server.ServerOptions(Path(args.model_repository), http, grpc, metrics),
+                            stdout=log, stderr=log)
+        try:
+            server.wait_ready(proc, http)
+            with SamClient(f"localhost:{grpc}", protocol="grpc") as client:
+                started = time.perf_counter()
+                result = client.segment(image_path, boxes)
+                elapsed = time.perf_counter() - started
+        except Exception:
+            log.seek(0)
+            sys.stderr.write(log.read().decode(errors="replace")[-4000:])
+            raise
+        finally:
+            server.stop(proc)
+    _print_result(result)
+    print(f"{len(result)} masks in {elapsed * 1000:.0f} ms", file=sys.stderr)
+    draw_overlay(image_path, result.masks, result.boxes).save(out)
+    print(f"wrote {image_path} and {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from samtriton.build.configs import ServingOptions
+
+    defaults = ServingOptions()
+
+    parser = argparse.ArgumentParser(prog="samtriton", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list the model variants that can be built")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("build", help="export ONNX and write a Triton model repository (CPU target)")
+    p.add_argument("--model", default="mobilesam", help="model variant (see `samtriton models`)")
+    weights = p.add_mutually_exclusive_group(required=True)
+    weights.add_argument("--checkpoint", help="official checkpoint file, e.g. mobile_sam.pt")
+    weights.add_argument("--random-weights", action="store_true",
+                         help="random weights in the official layout: for tests, masks are meaningless")
+    p.add_argument("--seed", type=int, default=0, help="seed of --random-weights")
+    p.add_argument("--out", required=True, help="model repository directory to write")
+    p.add_argument("--encoder-max-batch-size", type=int, default=defaults.encoder_max_batch_size)
+    p.add_argument("--encoder-queue-delay-us", type=int, default=defaults.encoder_queue_delay_us)
+    p.add_argument("--intra-op-threads", type=int, default=defaults.intra_op_threads,
+                   help="ONNX Runtime threads per model instance (0: all cores)")
+    p.add_argument("--max-image-bytes", type=int, default=defaults.limits.max_image_bytes)
+    p.add_argument("--max-pixels", type=int, default=defaults.limits.max_pixels)
+    p.add_argument("--max-boxes", type=int, default=defaults.limits.max_boxes)
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("serve", help="run tritonserver on a model repository (foreground, CPU)")
+    p.add_argument("--model-repository", required=True)
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--log-verbose", type=int, default=0)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("segment", help="segment an image with box prompts on a running server")
+    p.add_argument("image", help="JPEG, PNG or WebP file")
+    p.add_argument("--box", action="append", type=_parse_box, metavar="x0,y0,x1,y1",
+                   help="a box in original pixels; repeat for more")
+    p.add_argument("--url", default=None, help="server address (default localhost:8001 for gRPC, :8000 for HTTP)")
+    p.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    p.add_argument("--model-name", default="sam")
+    p.add_argument("--overlay", help="write a PNG with the masks and boxes drawn over the image")
+    p.add_argument("--json", help="write the masks (COCO RLE), scores and boxes as JSON")
+    p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("demo", help="serve in the background, segment a sample scene, write an overlay")
+    p.add_argument("--model-repository", required=True)
+    p.add_argument("--overlay", default="var/demo_overlay.png")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

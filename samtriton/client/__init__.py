@@ -1,0 +1,21 @@
+"""Python SDK for the samtriton `sam` ensemble."""
+
+from samtriton.client.errors import (
+    InferenceFailedError,
+    InvalidInputError,
+    ModelNotFoundError,
+    SamTritonError,
+    ServerUnavailableError,
+)
+from samtriton.client.result import SegmentationResult
+from samtriton.client.sync_client import SamClient
+
+__all__ = [
+    "SamClient",
+    "SegmentationResult",
+    "SamTritonError",
+    "InvalidInputError",
+    "ServerUnavailableError",
+    "ModelNotFoundError",
+    "InferenceFailedError",
+]

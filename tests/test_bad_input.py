@@ -1,0 +1,102 @@
+"""Bad requests get INVALID_ARG naming the field, over gRPC and HTTP, and the server stays READY.
+
+Requests are built with tritonclient directly (not the SDK, which catches some
+of these before sending) so the server's own checks are what is tested.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from samtriton.client import InvalidInputError, SamClient
+from samtriton.client.errors import from_triton
+from samtriton.sample_image import sample_scene
+from tests.conftest import encode
+
+pytestmark = pytest.mark.integration
+
+SCENE, SCENE_BOXES = sample_scene(320, 240, seed=9)
+GOOD_JPEG = encode(SCENE, "JPEG", quality=90)
+GOOD_BOXES = np.array([[20, 20, 200, 180]], np.float32)
+
+
+def _truncated_jpeg() -> bytes:
+    return GOOD_JPEG[: len(GOOD_JPEG) // 2]
+
+
+# name -> (image bytes, boxes array, wire dtype of boxes, parameters, field named in the error)
+CASES = {
+    "not-an-image": (b"this is not an image at all", GOOD_BOXES, "FP32", None, "image"),
+    "empty-image": (b"", GOOD_BOXES, "FP32", None, "image"),
+    "truncated-jpeg": (_truncated_jpeg(), GOOD_BOXES, "FP32", None, "image"),
+    "gif-not-accepted": (encode(SCENE, "GIF"), GOOD_BOXES, "FP32", None, "image"),
+    "boxes-shape-n-by-3": (GOOD_JPEG, np.zeros((2, 3), np.float32), "FP32", None, "boxes"),
+    "boxes-fp64": (GOOD_JPEG, GOOD_BOXES.astype(np.float64), "FP64", None, "boxes"),
+    "boxes-int32": (GOOD_JPEG, GOOD_BOXES.astype(np.int32), "INT32", None, "boxes"),
+    "boxes-nan": (GOOD_JPEG, np.array([[1, 1, 50, 50], [np.nan, 0, 5, 5]], np.float32), "FP32", None, "boxes"),
+    "boxes-inf": (GOOD_JPEG, np.array([[0, 0, np.inf, 5]], np.float32), "FP32", None, "boxes"),
+    "boxes-x1-lt-x0": (GOOD_JPEG, np.array([[100, 10, 50, 60]], np.float32), "FP32", None, "boxes"),
+    "boxes-y1-lt-y0": (GOOD_JPEG, np.array([[10, 100, 50, 60]], np.float32), "FP32", None, "boxes"),
+    "boxes-outside-image": (GOOD_JPEG, np.array([[400, 300, 500, 380]], np.float32), "FP32", None, "boxes"),
+    "boxes-negative-outside": (GOOD_JPEG, np.array([[-90, -90, -10, -5]], np.float32), "FP32", None, "boxes"),
+    "zero-boxes": (GOOD_JPEG, np.zeros((0, 4), np.float32), "FP32", None, "boxes"),
+    "too-many-boxes": (GOOD_JPEG, np.tile(GOOD_BOXES, (257, 1)), "FP32", None, "boxes"),
+    "unknown-output-parameter": (GOOD_JPEG, GOOD_BOXES, "FP32", {"outputs": "scores,logits"}, "parameters.outputs"),
+}
+
+
+def _module(protocol):
+    if protocol == "grpc":
+        import tritonclient.grpc as m
+    else:
+        import tritonclient.http as m
+    return m
+
+
+def _infer_raw(server, protocol, image_bytes, boxes, box_dtype, parameters):
+    m = _module(protocol)
+    client = m.InferenceServerClient(server.url(protocol))
+    try:
+        image = m.InferInput("image", [1], "BYTES")
+        image.set_data_from_numpy(np.array([image_bytes], dtype=np.object_))
+        box_input = m.InferInput("boxes", list(boxes.shape), box_dtype)
+        box_input.set_data_from_numpy(boxes)
+        outputs = [m.InferRequestedOutput("scores"), m.InferRequestedOutput("masks_rle")]
+        return client.infer("sam", [image, box_input], outputs=outputs, parameters=parameters)
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_request_is_invalid_arg_naming_the_field(triton_server, protocol, case):
+    image_bytes, boxes, dtype, params, field = CASES[case]
+    m = _module(protocol)
+    with pytest.raises(m.InferenceServerException) as info:
+        _infer_raw(triton_server, protocol, image_bytes, boxes, dtype, params)
+    status = str(info.value.status())
+    assert status in ("StatusCode.INVALID_ARGUMENT", "400"), f"{status}: {info.value.message()}"
+    error = from_triton(info.value)
+    assert isinstance(error, InvalidInputError)
+    assert field in info.value.message(), info.value.message()
+    print(f"\n{protocol} {case}: {info.value.message()}")
+
+
+def test_server_stays_ready_and_serves_after_bad_requests(triton_server):
+    for case in ("not-an-image", "boxes-nan", "zero-boxes"):
+        image_bytes, boxes, dtype, params, _ = CASES[case]
+        with pytest.raises(Exception):
+            _infer_raw(triton_server, "grpc", image_bytes, boxes, dtype, params)
+    with SamClient(triton_server.grpc_url) as client:
+        assert client.is_ready()
+        result = client.segment(GOOD_JPEG, GOOD_BOXES)
+    assert result.masks.shape == (1, 240, 320) and result.masks.any()
+
+
+def test_sdk_raises_typed_error_with_field(triton_server):
+    with SamClient(triton_server.http_url, protocol="http") as client:
+        with pytest.raises(InvalidInputError) as info:
+            client.segment(GOOD_JPEG, [[10, 10, 5, 50]])
+    assert info.value.field == "boxes"
+    assert info.value.__cause__ is not None  # chained from the tritonclient error

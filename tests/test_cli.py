@@ -1,0 +1,155 @@
+"""The `samtriton` command as users run it: build, segment, serve (with SIGINT), and
+the serving path staying free of torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from samtriton import server
+from samtriton.client import SamClient, ServerUnavailableError
+from samtriton.sample_image import sample_scene
+from samtriton.serving.postprocessing import decode_rle
+from tests.conftest import SAMTRITON, random_boxes
+
+pytestmark = pytest.mark.integration
+
+
+def _run(args, timeout=600):
+    return subprocess.run([*SAMTRITON, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_build_with_random_weights_says_so_loudly(tmp_path):
+    out = tmp_path / "repo"
+    proc = _run(["build", "--model", "mobilesam", "--random-weights", "--seed", "3", "--out", str(out)], timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("RANDOM WEIGHTS") >= 2  # before and after the build output
+    text = (out / "image_encoder" / "config.pbtxt").read_text()
+    assert "RANDOM WEIGHTS (seed 3)" in text and 'string_value: "true"' in text
+    for name in ("preprocess", "image_encoder", "mask_decoder", "postprocess"):
+        assert (out / name / "1" / "model.py").exists()
+    assert (out / "image_encoder" / "1" / "model.onnx").stat().st_size > 1_000_000
+    assert (out / "sam" / "1").is_dir()
+
+
+def test_build_rejects_unknown_model_and_bad_checkpoint(tmp_path):
+    proc = _run(["build", "--model", "sam-vit-q", "--random-weights", "--out", str(tmp_path / "x")])
+    assert proc.returncode == 2 and "valid models: mobilesam" in proc.stderr
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x00" * 100)
+    proc = _run(["build", "--checkpoint", str(bad), "--out", str(tmp_path / "y")])
+    assert proc.returncode == 1 and "cannot read checkpoint" in proc.stderr
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_segment_prints_masks_and_writes_overlay_and_json(triton_server, tmp_path, protocol):
+    scene, boxes = sample_scene(500, 360, seed=6)
+    image = tmp_path / "scene.jpg"
+    scene.save(image, quality=90)
+    box_args = [arg for b in boxes[:3] for arg in ("--box", ",".join(f"{v:.1f}" for v in b))]
+    overlay, out_json = tmp_path / "overlay.png", tmp_path / "masks.json"
+    proc = _run(["segment", str(image), *box_args, "--url", triton_server.url(protocol), "--protocol", protocol,
+                 "--overlay", str(overlay), "--json", str(out_json)])
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("mask ")]
+    assert len(lines) == 3 and "score=" in lines[0] and "area=" in lines[0]
+
+    assert Image.open(overlay).size == (500, 360)
+    doc = json.loads(out_json.read_text())
+    assert (doc["width"], doc["height"]) == (500, 360) and len(doc["masks"]) == 3
+    masks = decode_rle([json.dumps(m["segmentation"]) for m in doc["masks"]])
+    with SamClient(triton_server.grpc_url) as client:
+        direct = client.segment(str(image), np.round(boxes[:3], 1))
+    assert np.array_equal(masks, direct.masks)
+    assert [m["area"] for m in doc["masks"]] == direct.areas.tolist()
+
+
+def test_segment_reports_unreachable_server(tmp_path):
+    scene, boxes = sample_scene(64, 48)
+    scene.save(tmp_path / "s.png")
+    (port,) = server.free_ports(1)
+    proc = _run(["segment", str(tmp_path / "s.png"), "--box", "1,1,20,20", "--url", f"127.0.0.1:{port}"])
+    assert proc.returncode == 1 and "ServerUnavailableError" in proc.stderr
+
+
+def test_serve_sigint_finishes_in_flight_request_then_exits(built_repository, tmp_path):
+    repo, _ = built_repository
+    http, grpc, metrics = server.free_ports(3)
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen(
+        [*SAMTRITON, "serve", "--model-repository", str(repo), "--http-port", str(http),
+         "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
+        stdout=log, stderr=log,
+    )
+    try:
+        server.wait_ready(proc, http)
+        scene, _ = sample_scene(640, 480, seed=8)
+        boxes = random_boxes(np.random.default_rng(0), 47, 640, 480)  # several seconds on CPU
+        outcome = {}
+
+        def slow_request():
+            try:
+                with SamClient(f"127.0.0.1:{grpc}") as client:
+                    outcome["result"] = client.segment(np.asarray(scene), boxes)
+            except Exception as e:  # noqa: BLE001 - recorded for the assertion below
+                outcome["error"] = e
+
+        worker = threading.Thread(target=slow_request)
+        worker.start()
+        time.sleep(1.5)  # the encoder is busy with it now
+        proc.send_signal(signal.SIGINT)
+        worker.join(120)
+        assert "error" not in outcome, outcome.get("error")
+        assert len(outcome["result"]) == 47
+
+        started = time.monotonic()
+        assert proc.wait(timeout=server.EXIT_TIMEOUT_S + 30) == 0
+        print(f"\nexited {time.monotonic() - started:.1f} s after the in-flight request finished")
+        # Gone: a new request is refused.
+        with pytest.raises(ServerUnavailableError):
+            with SamClient(f"127.0.0.1:{grpc}", timeout_s=20) as client:
+                client.segment(np.asarray(scene), boxes[:1])
+        assert b"finishing in-flight requests" in (tmp_path / "serve.log").read_bytes()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(entry.name))
+    return kids
+
+
+def test_serving_path_never_loads_torch(triton_server):
+    code = (
+        "import sys, samtriton.client, samtriton.serving.preprocessing, samtriton.serving.postprocessing, "
+        "samtriton.serving.onnx_runtime, samtriton.serving.outputs, samtriton.spec, samtriton.server, "
+        "samtriton.client.overlay; assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    # And inside the running server: no python stub has libtorch mapped.
+    stubs = _children(triton_server.proc.pid)
+    assert len(stubs) >= 4, "expected one python stub per model instance"
+    for pid in stubs:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+        assert "onnxruntime" in maps or "libpython" in maps or "python" in maps
+        assert "libtorch" not in maps, f"stub {pid} loaded torch"

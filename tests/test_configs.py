@@ -1,0 +1,107 @@
+"""Every config.pbtxt parses with Triton's own ModelConfig schema and agrees with samtriton.spec."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from samtriton import spec
+from samtriton.build.configs import ServingOptions, model_configs, to_pbtxt
+from samtriton.build.registry import get_variant
+from samtriton.build.repository import MODEL_NAMES, MODEL_SOURCES, TEMPLATE_WEIGHTS, write_configs
+
+VARIANT = get_variant("mobilesam")
+
+
+def _parse(path: Path) -> mc.ModelConfig:
+    return text_format.Parse(path.read_text(), mc.ModelConfig())
+
+
+def _generated():
+    return model_configs(VARIANT, TEMPLATE_WEIGHTS, ServingOptions())
+
+
+def test_committed_configs_are_what_the_generator_writes():
+    for name, cfg in _generated().items():
+        path = MODEL_SOURCES / name / "config.pbtxt"
+        assert path.exists(), f"{path} missing: run `python -m samtriton.build.configs` "
+        assert _parse(path) == cfg, f"{path} drifted from samtriton.spec; regenerate it"
+
+
+def test_every_config_in_the_source_tree_parses():
+    paths = sorted(MODEL_SOURCES.glob("*/config.pbtxt"))
+    assert {p.parent.name for p in paths} == set(MODEL_NAMES)
+    for path in paths:
+        cfg = _parse(path)
+        assert cfg.name == path.parent.name
+        assert (path.parent / "1").is_dir()
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_config_tensors_match_spec(name):
+    cfg = _generated()[name]
+    io = spec.model_io(VARIANT.image_size)[name]
+    got_in = [(t.name, mc.DataType.Name(t.data_type), tuple(t.dims)) for t in cfg.input]
+    got_out = [(t.name, mc.DataType.Name(t.data_type), tuple(t.dims)) for t in cfg.output]
+    assert got_in == [(t.name, t.data_type, t.dims) for t in io.inputs]
+    assert got_out == [(t.name, t.data_type, t.dims) for t in io.outputs]
+
+
+def test_triton_conventions():
+    cfgs = _generated()
+    ens = cfgs[spec.ENSEMBLE]
+    assert ens.platform == "ensemble" and ens.max_batch_size == 0
+    assert [t.name for t in ens.input] == ["image", "boxes"]
+    assert mc.DataType.Name(ens.input[0].data_type) == "TYPE_STRING"
+    assert list(ens.input[1].dims) == [-1, 4]
+    for name in (spec.PREPROCESS, spec.POSTPROCESS, spec.IMAGE_ENCODER, spec.MASK_DECODER):
+        assert cfgs[name].backend == "python"
+        assert cfgs[name].instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+    enc = cfgs[spec.IMAGE_ENCODER]
+    assert enc.max_batch_size > 1 and enc.HasField("dynamic_batching")
+
+
+def test_ensemble_wiring_is_closed():
+    """Each step's inputs exist (ensemble input or an earlier step's output) with the
+    same full shape, and every ensemble output is produced."""
+    cfgs = _generated()
+    ens = cfgs[spec.ENSEMBLE]
+
+    def full_dims(cfg, tensor):
+        dims = tuple(tensor.dims)
+        return (1, *dims) if cfg.max_batch_size > 0 else dims
+
+    available = {t.name: tuple(t.dims) for t in ens.input}
+    for step in ens.ensemble_scheduling.step:
+        model = cfgs[step.model_name]
+        model_inputs = {t.name: t for t in model.input}
+        assert set(step.input_map) == set(model_inputs), step.model_name
+        for model_input, ens_tensor in step.input_map.items():
+            assert ens_tensor in available, f"{step.model_name} reads {ens_tensor} before it exists"
+            want = full_dims(model, model_inputs[model_input])
+            have = available[ens_tensor]
+            assert len(want) == len(have) and all(a == b or -1 in (a, b) for a, b in zip(want, have)), (
+                step.model_name, model_input, want, have)
+        model_outputs = {t.name: t for t in model.output}
+        assert set(step.output_map) == set(model_outputs)
+        for model_output, ens_tensor in step.output_map.items():
+            available[ens_tensor] = full_dims(model, model_outputs[model_output])
+    for out in ens.output:
+        assert out.name in available
+
+
+def test_build_parameters_are_stated(tmp_path):
+    from samtriton.build.configs import WeightsInfo
+
+    weights = WeightsInfo("RANDOM WEIGHTS (seed 3); masks are meaningless", random=True)
+    write_configs(tmp_path, VARIANT, weights, ServingOptions(encoder_max_batch_size=8))
+    for name in MODEL_NAMES:
+        cfg = _parse(tmp_path / name / "config.pbtxt")
+        assert cfg.parameters["random_weights"].string_value == "true"
+        assert "RANDOM WEIGHTS" in cfg.parameters["weights"].string_value
+        assert cfg.parameters["samtriton_model"].string_value == "mobilesam"
+    assert _parse(tmp_path / spec.IMAGE_ENCODER / "config.pbtxt").max_batch_size == 8
+    assert to_pbtxt(_parse(tmp_path / spec.ENSEMBLE / "config.pbtxt")).startswith('name: "sam"')

@@ -1,0 +1,131 @@
+"""The torch-free pre/postprocessing against the upstream (PyTorch) transforms they replace."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from mobile_sam.utils.transforms import ResizeLongestSide
+from PIL import Image
+from torch.nn import functional as F
+
+from samtriton.serving.errors import InvalidInput
+from samtriton.serving.postprocessing import decode_rle, encode_rle, masks_from_logits
+from samtriton.serving.preprocessing import (
+    Geometry,
+    Limits,
+    decode_image,
+    normalise_and_pad,
+    resize_longest_side,
+    resized_shape,
+    transform_boxes,
+    validate_boxes,
+)
+from samtriton.build.registry import SAM_PIXEL_MEAN, SAM_PIXEL_STD
+
+SIZES = [(1, 1), (1, 5000), (427, 643), (517, 391), (1024, 1024), (2000, 3000), (333, 500), (1023, 1025), (7, 1999)]
+
+
+@pytest.mark.parametrize("h,w", SIZES)
+def test_resized_shape_matches_upstream(h, w):
+    assert resized_shape(h, w, 1024) == ResizeLongestSide.get_preprocess_shape(h, w, 1024)
+    assert resized_shape(h, w, 512) == ResizeLongestSide.get_preprocess_shape(h, w, 512)
+
+
+@pytest.mark.parametrize("h,w", [(427, 643), (517, 391), (60, 90), (1024, 700)])
+def test_resize_normalise_pad_match_upstream(h, w):
+    rng = np.random.default_rng(h * w)
+    image = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+    upstream = ResizeLongestSide(1024).apply_image(image)
+    ours = resize_longest_side(image, 1024)
+    assert np.array_equal(ours, upstream)
+
+    # Sam.preprocess: normalise then pad with zeros, in float32.
+    x = torch.as_tensor(upstream).permute(2, 0, 1)[None].float()
+    mean = torch.tensor(SAM_PIXEL_MEAN).view(-1, 1, 1)
+    std = torch.tensor(SAM_PIXEL_STD).view(-1, 1, 1)
+    x = (x - mean) / std
+    x = F.pad(x, (0, 1024 - x.shape[-1], 0, 1024 - x.shape[-2]))[0].numpy()
+    np.testing.assert_array_equal(normalise_and_pad(ours, 1024, SAM_PIXEL_MEAN, SAM_PIXEL_STD), x)
+
+
+def test_box_transform_matches_upstream():
+    rng = np.random.default_rng(0)
+    boxes = rng.uniform(0, 600, size=(20, 4)).astype(np.float32)
+    for h, w in [(427, 643), (517, 391), (2000, 3000)]:
+        g = Geometry(h, w, *resized_shape(h, w, 1024))
+        upstream = ResizeLongestSide(1024).apply_boxes_torch(torch.from_numpy(boxes), (h, w)).numpy()
+        np.testing.assert_allclose(transform_boxes(boxes, g), upstream, rtol=1e-6, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "h,w",
+    [(427, 643), (517, 391), (333, 500), (1024, 1024), (1500, 700), (31, 17), (2, 3000)],
+)
+def test_masks_match_upstream_postprocess(h, w):
+    """Same masks as Sam.postprocess_masks (two bilinear resizes with a crop) > 0."""
+    rng = np.random.default_rng(h + w)
+    # Smooth-ish logits with plenty of zero crossings, like random-weight decoders give.
+    low = rng.normal(size=(4, 256, 256)).astype(np.float32)
+    low = F.avg_pool2d(torch.from_numpy(low)[:, None], 3, 1, 1)[:, 0].numpy()
+    g = Geometry(h, w, *resized_shape(h, w, 1024))
+    ref = F.interpolate(torch.from_numpy(low)[:, None], (1024, 1024), mode="bilinear", align_corners=False)
+    ref = ref[..., : g.input_h, : g.input_w]
+    ref = F.interpolate(ref, (h, w), mode="bilinear", align_corners=False)[:, 0].numpy() > 0
+    ours = masks_from_logits(low, g, 1024)
+    assert ours.shape == ref.shape and ours.dtype == bool
+    disagree = (ours != ref).mean()
+    assert disagree < 1e-4, f"{disagree:.2e} of pixels differ"
+
+
+def test_rle_round_trip_and_coco_format():
+    rng = np.random.default_rng(1)
+    masks = rng.random((3, 37, 53)) > 0.6
+    encoded = encode_rle(masks)
+    assert len(encoded) == 3
+    import json
+
+    first = json.loads(encoded[0])
+    assert first["size"] == [37, 53] and isinstance(first["counts"], str)
+    assert np.array_equal(decode_rle(encoded), masks)
+    assert encode_rle(np.zeros((0, 5, 5), bool)) == []
+
+
+def _png(mode: str, size=(40, 30), **info) -> bytes:
+    img = Image.new(mode, size)
+    buf = io.BytesIO()
+    img.save(buf, "PNG", **info)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P", "I;16", "1"])
+def test_decode_any_mode_to_rgb(mode):
+    rgb = decode_image(_png(mode))
+    assert rgb.shape == (30, 40, 3) and rgb.dtype == np.uint8
+
+
+def test_decode_rejects_pixel_bomb_before_decoding():
+    data = _png("L", size=(5000, 5000))
+    with pytest.raises(InvalidInput, match="pixels exceeds"):
+        decode_image(data, Limits(max_pixels=1_000_000))
+
+
+def test_decode_rejects_oversized_bytes():
+    with pytest.raises(InvalidInput, match="image: .* exceeds"):
+        decode_image(_png("RGB"), Limits(max_image_bytes=10))
+
+
+def test_box_validation_messages():
+    g = Geometry(100, 200, 512, 1024)
+    ok = validate_boxes(np.array([[0, 0, 200, 100], [-5, -5, 3, 3]], np.float32), g)
+    assert ok.shape == (2, 4)
+    with pytest.raises(InvalidInput, match=r"^boxes: box 1 .*x1 < x0"):
+        validate_boxes(np.array([[0, 0, 5, 5], [9, 0, 5, 5]], np.float32), g)
+    with pytest.raises(InvalidInput, match=r"^boxes: .*limit of 2"):
+        validate_boxes(np.zeros((3, 4), np.float32), g, Limits(max_boxes=2))
+    with pytest.raises(InvalidInput, match=r"^boxes: expected shape"):
+        validate_boxes(np.zeros((3,), np.float32), g)
+    with pytest.raises(InvalidInput, match=r"^boxes: expected FP32"):
+        validate_boxes(np.zeros((1, 4), np.float64), g)
