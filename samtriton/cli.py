@@ -61,13 +61,35 @@ def cmd_build(args) -> int:
     return 0
 
 
+RANDOM_WEIGHTS_BANNER = """\
+======================================================================
+ This repository was built from RANDOM WEIGHTS: the masks are
+ meaningless. For real masks, get the official MobileSAM checkpoint
+ (mobile_sam.pt) and rebuild:  make serve SAM_CHECKPOINT=/path/mobile_sam.pt
+ (or: samtriton build --checkpoint /path/mobile_sam.pt --out DIR)
+======================================================================"""
+
+
+def _check_repository(repo: Path, command: str) -> bool:
+    """Is `repo` a built samtriton repository? Warns loudly if it holds random weights."""
+    from samtriton.build.configs import parse_pbtxt
+
+    config = repo / "sam" / "config.pbtxt"
+    if not config.exists():
+        print(f"samtriton {command}: {repo} is not a samtriton model repository (run `samtriton build` first)",
+              file=sys.stderr)
+        return False
+    params = parse_pbtxt(config.read_text()).parameters
+    if params["random_weights"].string_value == "true":
+        print(RANDOM_WEIGHTS_BANNER, file=sys.stderr)
+    return True
+
+
 def cmd_serve(args) -> int:
     from samtriton import server
 
     repo = Path(args.model_repository)
-    if not (repo / "sam" / "config.pbtxt").exists():
-        print(f"samtriton serve: {repo} is not a samtriton model repository (run `samtriton build` first)",
-              file=sys.stderr)
+    if not _check_repository(repo, "serve"):
         return 2
     opts = server.ServerOptions(
         model_repository=repo,
@@ -149,6 +171,8 @@ def cmd_demo(args) -> int:
     from samtriton.client.overlay import draw_overlay
     from samtriton.sample_image import sample_scene
 
+    if not _check_repository(Path(args.model_repository), "demo"):
+        return 2
     image, boxes = sample_scene()
     out = Path(args.overlay)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -70,14 +70,18 @@ LOW_RES_MASKS = TensorSpec("low_res_masks", "TYPE_FP32", (-1, LOW_RES_MASK_SIZE,
 IOU_PREDICTIONS = TensorSpec("iou_predictions", "TYPE_FP32", (-1,))
 
 
+PIXEL_VALUES_NAME = "pixel_values"
+IMAGE_EMBEDDINGS_NAME = "image_embeddings"
+
+
 def pixel_values(image_size: int, batched: bool) -> TensorSpec:
     """Normalised, zero-padded encoder input (CHW)."""
     dims = (3, image_size, image_size)
-    return TensorSpec("pixel_values", "TYPE_FP32", dims if batched else (1, *dims))
+    return TensorSpec(PIXEL_VALUES_NAME, "TYPE_FP32", dims if batched else (1, *dims))
 
 
 def image_embeddings(batched: bool) -> TensorSpec:
-    return TensorSpec("image_embeddings", "TYPE_FP32", EMBEDDING_SHAPE if batched else (1, *EMBEDDING_SHAPE))
+    return TensorSpec(IMAGE_EMBEDDINGS_NAME, "TYPE_FP32", EMBEDDING_SHAPE if batched else (1, *EMBEDDING_SHAPE))
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,6 @@ the serving path staying free of torch."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

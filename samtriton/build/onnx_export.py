@@ -56,8 +56,7 @@ def _export(module, args, path, input_names, output_names, dynamic_axes):
 def export_encoder(sam: torch.nn.Module, image_size: int, path: Path) -> None:
     encoder = ImageEncoderExport(sam).eval()
     example = torch.zeros(1, 3, image_size, image_size)
-    pv = spec.pixel_values(image_size, batched=True).name
-    emb = spec.image_embeddings(batched=True).name
+    pv, emb = spec.PIXEL_VALUES_NAME, spec.IMAGE_EMBEDDINGS_NAME
     with torch.no_grad(), batch_agnostic(encoder):
         _export(encoder, (example,), path, [pv], [emb], {pv: {0: "images"}, emb: {0: "images"}})
 
@@ -67,7 +66,7 @@ def export_decoder(sam: torch.nn.Module, path: Path) -> None:
     embeddings = torch.zeros(2, *spec.EMBEDDING_SHAPE)
     boxes = torch.tensor([[10.0, 20.0, 300.0, 400.0], [0.0, 0.0, 50.0, 60.0], [5.0, 5.0, 900.0, 700.0]])
     index = torch.tensor([0, 1, 1], dtype=torch.int32)
-    names_in = [spec.image_embeddings(batched=True).name, spec.MODEL_BOXES.name, spec.BOX_IMAGE_INDEX.name]
+    names_in = [spec.IMAGE_EMBEDDINGS_NAME, spec.MODEL_BOXES.name, spec.BOX_IMAGE_INDEX.name]
     names_out = [spec.LOW_RES_MASKS.name, spec.IOU_PREDICTIONS.name]
     axes = {
         names_in[0]: {0: "images"},
@@ -107,7 +106,7 @@ def check_parity(sam: torch.nn.Module, image_size: int, encoder_path: Path, deco
     onnx_masks, onnx_iou = dec.run(
         None,
         {
-            spec.image_embeddings(batched=True).name: torch_emb,
+            spec.IMAGE_EMBEDDINGS_NAME: torch_emb,
             spec.MODEL_BOXES.name: boxes,
             spec.BOX_IMAGE_INDEX.name: index,
         },

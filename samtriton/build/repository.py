@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -100,7 +99,3 @@ def build_repository(
         log(RANDOM_BANNER)
     log(f"wrote {out_dir} ({weights.description})")
     return BuildResult(out_dir, weights, parity, time.perf_counter() - started)
-
-
-def eprint(*args):
-    print(*args, file=sys.stderr)

@@ -24,14 +24,13 @@ def make_session(path: str, intra_op_threads: int = 0, inter_op_threads: int = 1
 
 def encode(session, pixel_values: np.ndarray) -> np.ndarray:
     """(B, 3, S, S) -> (B, 256, 64, 64)."""
-    name = spec.pixel_values(0, batched=True).name
-    return session.run(None, {name: np.ascontiguousarray(pixel_values, dtype=np.float32)})[0]
+    return session.run(None, {spec.PIXEL_VALUES_NAME: np.ascontiguousarray(pixel_values, dtype=np.float32)})[0]
 
 
 def decode(session, embeddings: np.ndarray, model_boxes: np.ndarray, box_image_index: np.ndarray):
     """Boxes of several images in one call -> ((N, 256, 256) logits, (N,) iou predictions)."""
     feeds = {
-        spec.image_embeddings(batched=True).name: np.ascontiguousarray(embeddings, dtype=np.float32),
+        spec.IMAGE_EMBEDDINGS_NAME: np.ascontiguousarray(embeddings, dtype=np.float32),
         spec.MODEL_BOXES.name: np.ascontiguousarray(model_boxes, dtype=np.float32),
         spec.BOX_IMAGE_INDEX.name: np.ascontiguousarray(box_image_index, dtype=np.int32),
     }

@@ -8,6 +8,11 @@ shortcut here (one resize instead of two, another interpolation) costs whole
 percent of IoU; this module reproduces the two steps with torch's sampling
 rule in numpy.  The crop is folded into the first step by computing only the
 rows and columns that survive it.
+
+The first step has a 256-wide input, so it runs as two dense matrix products
+(BLAS; each row of the weight matrix has torch's two taps and zeros
+elsewhere).  The second step maps to an arbitrary, possibly large, output and
+runs as two-tap gathers, skipped when the size does not change.
 """
 
 from __future__ import annotations
@@ -52,6 +57,15 @@ def bilinear_taps(in_size: int, out_size: int, keep: int | None = None) -> Taps:
     return Taps(i0, i1, w0, w1)
 
 
+def dense_weights(taps: Taps, in_size: int) -> np.ndarray:
+    """The (out, in) matrix of a Taps: row i holds w0[i] at i0[i] and w1[i] at i1[i]."""
+    weights = np.zeros((taps.i0.shape[0], in_size), dtype=np.float32)
+    rows = np.arange(taps.i0.shape[0])
+    np.add.at(weights, (rows, taps.i0), taps.w0)
+    np.add.at(weights, (rows, taps.i1), taps.w1)
+    return weights
+
+
 def _resize(x: np.ndarray, rows: Taps, cols: Taps) -> np.ndarray:
     """(N, H, W) -> (N, len(rows), len(cols)); width pass first, as torch's kernel nests it."""
     x = x[:, :, cols.i0] * cols.w0 + x[:, :, cols.i1] * cols.w1
@@ -62,18 +76,23 @@ def masks_from_logits(low_res: np.ndarray, geometry: Geometry, encoder_size: int
     """(N, 256, 256) float32 logits -> (N, H, W) bool masks at the original size."""
     n, low_h, low_w = low_res.shape
     g = geometry
-    up_rows = bilinear_taps(low_h, encoder_size, keep=g.input_h)
-    up_cols = bilinear_taps(low_w, encoder_size, keep=g.input_w)
+    # Step 1: low-res -> encoder frame, cropped to the resized image.
+    up_rows = dense_weights(bilinear_taps(low_h, encoder_size, keep=g.input_h), low_h)
+    up_cols_t = dense_weights(bilinear_taps(low_w, encoder_size, keep=g.input_w), low_w).T.copy()
+    # Step 2: resized image -> original size.
+    same_size = (g.input_h, g.input_w) == (g.original_h, g.original_w)
     down_rows = bilinear_taps(g.input_h, g.original_h)
     down_cols = bilinear_taps(g.input_w, g.original_w)
+
     out = np.empty((n, g.original_h, g.original_w), dtype=bool)
     per_mask = max(g.input_h * g.input_w, g.original_h * g.original_w)
     chunk = max(1, _CHUNK_ELEMENTS // per_mask)
     low_res = low_res.astype(np.float32, copy=False)
     for start in range(0, n, chunk):
-        part = _resize(low_res[start : start + chunk], up_rows, up_cols)
-        part = _resize(part, down_rows, down_cols)
-        out[start : start + chunk] = part > MASK_THRESHOLD
+        part = np.matmul(up_rows, np.matmul(low_res[start : start + chunk], up_cols_t))
+        if not same_size:
+            part = _resize(part, down_rows, down_cols)
+        np.greater(part, MASK_THRESHOLD, out=out[start : start + chunk])
     return out
 
 

@@ -20,14 +20,10 @@ class TritonPythonModel:
         params = model_parameters(args)
         path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
         self.session = make_session(path, intra_op_threads=int(params.get("intra_op_threads", "0")))
-        self.input_name = spec.pixel_values(0, batched=True).name
-        self.output_name = spec.image_embeddings(batched=True).name
 
     def execute(self, requests):
-        batches = []
-        for request in requests:
-            batches.append(input_array(request, self.input_name))
         try:
+            batches = [input_array(request, spec.PIXEL_VALUES_NAME) for request in requests]
             embeddings = encode(self.session, np.concatenate(batches, axis=0))
         except Exception as e:
             return [error_response(e, "image_encoder") for _ in requests]
@@ -36,5 +32,5 @@ class TritonPythonModel:
         for batch in batches:
             part = embeddings[start : start + batch.shape[0]]
             start += batch.shape[0]
-            responses.append(pb_utils.InferenceResponse(output_tensors=[tensor(self.output_name, part)]))
+            responses.append(pb_utils.InferenceResponse(output_tensors=[tensor(spec.IMAGE_EMBEDDINGS_NAME, part)]))
         return responses

@@ -20,18 +20,16 @@ class TritonPythonModel:
         params = model_parameters(args)
         path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
         self.session = make_session(path, intra_op_threads=int(params.get("intra_op_threads", "0")))
-        self.embeddings_name = spec.image_embeddings(batched=False).name
 
     def execute(self, requests):
         embeddings, boxes, index, counts = [], [], [], []
-        for request in requests:
-            emb = input_array(request, self.embeddings_name)
-            req_boxes = input_array(request, spec.MODEL_BOXES.name)
-            index.append(np.full(req_boxes.shape[0], len(embeddings), dtype=np.int32))
-            embeddings.append(emb.reshape(-1, *spec.EMBEDDING_SHAPE))
-            boxes.append(req_boxes)
-            counts.append(req_boxes.shape[0])
         try:
+            for request in requests:
+                req_boxes = input_array(request, spec.MODEL_BOXES.name)
+                index.append(np.full(req_boxes.shape[0], len(embeddings), dtype=np.int32))
+                embeddings.append(input_array(request, spec.IMAGE_EMBEDDINGS_NAME).reshape(-1, *spec.EMBEDDING_SHAPE))
+                boxes.append(req_boxes)
+                counts.append(req_boxes.shape[0])
             low_res, iou = decode(
                 self.session, np.concatenate(embeddings), np.concatenate(boxes), np.concatenate(index)
             )

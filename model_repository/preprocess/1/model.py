@@ -35,7 +35,7 @@ class TritonPythonModel:
         boxes = input_array(request, spec.BOXES.name)
         out = preprocess(images[0], boxes, self.image_size, self.pixel_mean, self.pixel_std, self.limits)
         return [
-            tensor(spec.pixel_values(self.image_size, batched=False).name, out.pixel_values[np.newaxis]),
+            tensor(spec.PIXEL_VALUES_NAME, out.pixel_values[np.newaxis]),
             tensor(spec.MODEL_BOXES.name, out.model_boxes),
             tensor(spec.IMAGE_GEOMETRY.name, out.geometry.as_array()),
         ]
