@@ -100,3 +100,35 @@ def test_sdk_raises_typed_error_with_field(triton_server):
             client.segment(GOOD_JPEG, [[10, 10, 5, 50]])
     assert info.value.field == "boxes"
     assert info.value.__cause__ is not None  # chained from the tritonclient error
+
+
+def test_bad_requests_fail_alone_among_concurrent_good_ones(triton_server):
+    """Good and bad requests in flight together: each bad one gets INVALID_ARG,
+    every good one its masks (the same as when sent alone)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with SamClient(triton_server.grpc_url) as client:
+        alone = client.segment(GOOD_JPEG, GOOD_BOXES)
+    bad_cases = ["not-an-image", "boxes-nan", "truncated-jpeg", "boxes-x1-lt-x0"]
+
+    def good(_):
+        with SamClient(triton_server.grpc_url) as client:
+            return client.segment(GOOD_JPEG, GOOD_BOXES)
+
+    def bad(case):
+        image_bytes, boxes, dtype, params, field = CASES[case]
+        try:
+            _infer_raw(triton_server, "grpc", image_bytes, boxes, dtype, params)
+        except Exception as e:  # noqa: BLE001 - inspected below
+            return from_triton(e), field
+        return None, field
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        good_futures = [pool.submit(good, i) for i in range(4)]
+        bad_futures = [pool.submit(bad, c) for c in bad_cases]
+        goods = [f.result(timeout=300) for f in good_futures]
+        bads = [f.result(timeout=300) for f in bad_futures]
+    for result in goods:
+        assert np.array_equal(result.masks, alone.masks) and np.array_equal(result.scores, alone.scores)
+    for error, field in bads:
+        assert isinstance(error, InvalidInputError) and error.field == field, (error, field)

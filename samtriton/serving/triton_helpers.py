@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import json
+import os
 import traceback
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from samtriton.serving.errors import InvalidInput
+from samtriton.serving.onnx_runtime import make_session
 
 
 def model_parameters(args: dict) -> dict[str, str]:
     config = json.loads(args["model_config"])
     return {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+
+
+def onnx_session(args: dict):
+    """The ONNX Runtime session of a model whose version folder holds model.onnx."""
+    path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
+    threads = int(model_parameters(args).get("intra_op_threads", "0"))
+    return make_session(path, intra_op_threads=threads)
 
 
 def input_array(request, name: str) -> np.ndarray:

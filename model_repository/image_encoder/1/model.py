@@ -5,21 +5,17 @@ images go through the encoder in one session call (the graph has a dynamic
 batch axis) and the embeddings are split back per request.
 """
 
-import os
-
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from samtriton import spec
-from samtriton.serving.onnx_runtime import encode, make_session
-from samtriton.serving.triton_helpers import error_response, input_array, model_parameters, tensor
+from samtriton.serving.onnx_runtime import encode
+from samtriton.serving.triton_helpers import error_response, input_array, onnx_session, tensor
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        params = model_parameters(args)
-        path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
-        self.session = make_session(path, intra_op_threads=int(params.get("intra_op_threads", "0")))
+        self.session = onnx_session(args)
 
     def execute(self, requests):
         try:

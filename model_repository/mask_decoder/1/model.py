@@ -5,21 +5,17 @@ embeddings are stacked, every box carries the index of its request's image,
 and the outputs are split back per request.
 """
 
-import os
-
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from samtriton import spec
-from samtriton.serving.onnx_runtime import decode, make_session
-from samtriton.serving.triton_helpers import error_response, input_array, model_parameters, tensor
+from samtriton.serving.onnx_runtime import decode
+from samtriton.serving.triton_helpers import error_response, input_array, onnx_session, tensor
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        params = model_parameters(args)
-        path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
-        self.session = make_session(path, intra_op_threads=int(params.get("intra_op_threads", "0")))
+        self.session = onnx_session(args)
 
     def execute(self, requests):
         embeddings, boxes, index, counts = [], [], [], []
