@@ -12,7 +12,7 @@ import pytest
 from samtriton.client import InvalidInputError, SamClient
 from samtriton.client.errors import from_triton
 from samtriton.sample_image import sample_scene
-from tests.conftest import encode
+from tests.conftest import encode, mask_iou
 
 pytestmark = pytest.mark.integration
 
@@ -128,7 +128,12 @@ def test_bad_requests_fail_alone_among_concurrent_good_ones(triton_server):
         bad_futures = [pool.submit(bad, c) for c in bad_cases]
         goods = [f.result(timeout=300) for f in good_futures]
         bads = [f.result(timeout=300) for f in bad_futures]
+    # Concurrent requests share encoder batches; batched GEMMs round differently
+    # in the last bits, so compare with a tolerance rather than bit for bit.
     for result in goods:
-        assert np.array_equal(result.masks, alone.masks) and np.array_equal(result.scores, alone.scores)
+        print(f"\nmax |score - alone| {np.abs(result.scores - alone.scores).max():.2e}, "
+              f"mask IoU {mask_iou(result.masks, alone.masks).min():.6f}")
+        np.testing.assert_allclose(result.scores, alone.scores, atol=1e-5)
+        assert mask_iou(result.masks, alone.masks).min() >= 0.999
     for error, field in bads:
         assert isinstance(error, InvalidInputError) and error.field == field, (error, field)
