@@ -7,6 +7,7 @@ file name, and how to construct the PyTorch module the checkpoint loads into.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -25,7 +26,10 @@ class ModelVariant:
 def _build_mobilesam():
     # Upstream MobileSAM code (the `mobilesam-mirror` package) is the model
     # definition, so official checkpoints load with their own key names.
-    from mobile_sam import sam_model_registry
+    with warnings.catch_warnings():
+        # It imports timm's deprecated paths and re-registers TinyViT names.
+        warnings.simplefilter("ignore")
+        from mobile_sam import sam_model_registry
 
     return sam_model_registry["vit_t"]()
 
