@@ -96,6 +96,7 @@ def cmd_serve(args) -> int:
         http_port=args.http_port,
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
+        cache_bytes=int(args.cache_size_mb * 1024 * 1024),
         log_verbose=args.log_verbose,
         **({"admin_header": f"samtriton-admin-key:{os.environ['SAMTRITON_ADMIN_KEY']}"}
            if os.environ.get("SAMTRITON_ADMIN_KEY") else {}),
@@ -202,6 +203,7 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from samtriton import server as server_defaults
     from samtriton.build.configs import ServingOptions
 
     defaults = ServingOptions()
@@ -234,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--cache-size-mb", type=float, default=server_defaults.DEFAULT_CACHE_BYTES / 2**20,
+                   help="Triton response cache for image embeddings, in MiB (0: off)")
     p.add_argument("--log-verbose", type=int, default=0)
     p.set_defaults(func=cmd_serve)
 

@@ -31,6 +31,9 @@ EXIT_TIMEOUT_S = 30
 # an encoder input is 12 MB, a request's full-size masks can be tens of MB.
 SHM_DEFAULT_BYTES = 16 * 1024 * 1024
 SHM_GROWTH_BYTES = 16 * 1024 * 1024
+# Triton's response cache (the image encoder's embeddings, ~4 MiB each for
+# SAM-family models): 256 MiB holds about 60 images.
+DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
 
 
 class TritonNotInstalled(RuntimeError):
@@ -86,6 +89,7 @@ class ServerOptions:
     # APIs; a random one per launch unless given.
     admin_header: str = field(default_factory=lambda: f"samtriton-admin-key:{secrets.token_hex(16)}")
     exit_timeout_s: int = EXIT_TIMEOUT_S
+    cache_bytes: int = DEFAULT_CACHE_BYTES  # 0: no response cache
     log_verbose: int = 0
     extra_args: tuple[str, ...] = ()
 
@@ -111,6 +115,7 @@ def server_command(opts: ServerOptions, home: Path | None = None) -> list[str]:
         "--strict-readiness=true",
         f"--backend-config=python,shm-default-byte-size={SHM_DEFAULT_BYTES}",
         f"--backend-config=python,shm-growth-byte-size={SHM_GROWTH_BYTES}",
+        *([f"--cache-config=local,size={opts.cache_bytes}"] if opts.cache_bytes > 0 else []),
         f"--log-verbose={opts.log_verbose}",
         *opts.extra_args,
     ]

@@ -38,15 +38,18 @@ def test_every_config_in_the_source_tree_parses():
         cfg = _parse(path)
         assert cfg.name == path.parent.name
         assert (path.parent / "1").is_dir()
+        if cfg.platform == "ensemble":  # Triton convention: an empty version folder
+            assert [p.name for p in (path.parent / "1").iterdir()] == [".gitkeep"]
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_config_tensors_match_spec(name):
     cfg = _generated()[name]
     io = spec.model_io(VARIANT.image_size)[name]
-    got_in = [(t.name, mc.DataType.Name(t.data_type), tuple(t.dims)) for t in cfg.input]
+    got_in = [(t.name, mc.DataType.Name(t.data_type), tuple(t.dims), t.optional, t.allow_ragged_batch)
+              for t in cfg.input]
     got_out = [(t.name, mc.DataType.Name(t.data_type), tuple(t.dims)) for t in cfg.output]
-    assert got_in == [(t.name, t.data_type, t.dims) for t in io.inputs]
+    assert got_in == [(t.name, t.data_type, t.dims, t.optional, t.allow_ragged_batch) for t in io.inputs]
     assert got_out == [(t.name, t.data_type, t.dims) for t in io.outputs]
 
 
@@ -55,6 +58,7 @@ def test_triton_conventions():
     ens = cfgs[spec.ENSEMBLE]
     assert ens.platform == "ensemble" and ens.max_batch_size == 0
     assert [t.name for t in ens.input] == ["image", "boxes"]
+    assert cfgs[spec.ENCODE_ENSEMBLE].platform == "ensemble"
     assert mc.DataType.Name(ens.input[0].data_type) == "TYPE_STRING"
     assert list(ens.input[1].dims) == [-1, 4]
     for name in (spec.PREPROCESS, spec.POSTPROCESS, spec.IMAGE_ENCODER, spec.MASK_DECODER):
@@ -64,33 +68,49 @@ def test_triton_conventions():
     assert enc.max_batch_size > 1 and enc.HasField("dynamic_batching")
 
 
-def test_ensemble_wiring_is_closed():
-    """Each step's inputs exist (ensemble input or an earlier step's output) with the
-    same full shape, and every ensemble output is produced."""
+@pytest.mark.parametrize("ensemble", [spec.ENSEMBLE, spec.ENCODE_ENSEMBLE])
+def test_ensemble_wiring_is_closed(ensemble):
+    """Each step's mapped inputs exist (ensemble input or an earlier step's output)
+    with the same full shape, unmapped inputs are optional, and every ensemble
+    output is produced."""
     cfgs = _generated()
-    ens = cfgs[spec.ENSEMBLE]
+    ens = cfgs[ensemble]
 
     def full_dims(cfg, tensor):
         dims = tuple(tensor.dims)
         return (1, *dims) if cfg.max_batch_size > 0 else dims
 
+    def compatible(a, b):
+        return len(a) == len(b) and all(x == y or -1 in (x, y) for x, y in zip(a, b))
+
     available = {t.name: tuple(t.dims) for t in ens.input}
     for step in ens.ensemble_scheduling.step:
         model = cfgs[step.model_name]
         model_inputs = {t.name: t for t in model.input}
-        assert set(step.input_map) == set(model_inputs), step.model_name
+        assert set(step.input_map) <= set(model_inputs), step.model_name
+        for name, tensor in model_inputs.items():
+            assert name in step.input_map or tensor.optional, f"{step.model_name}.{name} is never fed"
         for model_input, ens_tensor in step.input_map.items():
             assert ens_tensor in available, f"{step.model_name} reads {ens_tensor} before it exists"
             want = full_dims(model, model_inputs[model_input])
-            have = available[ens_tensor]
-            assert len(want) == len(have) and all(a == b or -1 in (a, b) for a, b in zip(want, have)), (
-                step.model_name, model_input, want, have)
+            assert compatible(want, available[ens_tensor]), (step.model_name, model_input, want)
         model_outputs = {t.name: t for t in model.output}
-        assert set(step.output_map) == set(model_outputs)
+        assert set(step.output_map) <= set(model_outputs)
         for model_output, ens_tensor in step.output_map.items():
             available[ens_tensor] = full_dims(model, model_outputs[model_output])
     for out in ens.output:
-        assert out.name in available
+        assert out.name in available and compatible(tuple(out.dims), available[out.name]), out.name
+
+
+def test_batching_and_cache_settings():
+    cfgs = _generated()
+    dec = cfgs[spec.MASK_DECODER]
+    assert dec.max_batch_size > 1 and dec.HasField("dynamic_batching")
+    ragged = {t.name: t.allow_ragged_batch for t in dec.input}
+    assert ragged == {"image_embeddings": False, "model_boxes": True}
+    assert cfgs[spec.IMAGE_ENCODER].response_cache.enable
+    assert {t.name: t.optional for t in cfgs[spec.PREPROCESS].input} == {"image": False, "boxes": True}
+    assert not any(t.optional for t in cfgs[spec.ENSEMBLE].input)
 
 
 def test_build_parameters_are_stated(tmp_path):

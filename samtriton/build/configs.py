@@ -14,12 +14,23 @@ from samtriton.serving.preprocessing import Limits
 
 @dataclass(frozen=True)
 class ServingOptions:
-    """Knobs of the generated repository that are not fixed by the model."""
+    """Knobs of the generated repository that are not fixed by the model.
+
+    The defaults are the CPU target's: a CPU encoder call takes about a
+    second, so waiting 2 ms to fill a batch costs nothing; batches stay small
+    because a batch of 4 already keeps both cores busy for seconds.
+    """
 
     encoder_max_batch_size: int = 4
     encoder_queue_delay_us: int = 2000
     encoder_preferred_batch_sizes: tuple[int, ...] = ()
+    # Triton's response cache on the encoder: a repeated image skips it.  The
+    # server's --cache-config bounds its size in bytes.
+    encoder_response_cache: bool = True
     encoder_instances: int = 1
+    # Requests with different box counts share a decoder call (ragged batching).
+    decoder_max_batch_size: int = 16
+    decoder_queue_delay_us: int = 2000
     decoder_instances: int = 1
     preprocess_instances: int = 2
     postprocess_instances: int = 2
@@ -36,11 +47,13 @@ class WeightsInfo:
     random: bool
 
 
-def _add_tensors(container, tensors):
+def _add_tensors(container, tensors, inputs: bool = False):
     for t in tensors:
         entry = container.add(name=t.name, data_type=getattr(mc, t.data_type), dims=list(t.dims))
-        if getattr(t, "optional", False):
+        if inputs and t.optional:
             entry.optional = True
+        if inputs and t.allow_ragged_batch:
+            entry.allow_ragged_batch = True
 
 
 def _base(name: str, variant: ModelVariant, weights: WeightsInfo) -> mc.ModelConfig:
@@ -55,7 +68,7 @@ def _python_model(name, variant, weights, io: spec.ModelIO, instances: int, max_
     cfg = _base(name, variant, weights)
     cfg.backend = "python"
     cfg.max_batch_size = max_batch_size
-    _add_tensors(cfg.input, io.inputs)
+    _add_tensors(cfg.input, io.inputs, inputs=True)
     _add_tensors(cfg.output, io.outputs)
     cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=instances)
     return cfg
@@ -79,25 +92,34 @@ def model_configs(variant: ModelVariant, weights: WeightsInfo, options: ServingO
     )
     enc.dynamic_batching.max_queue_delay_microseconds = options.encoder_queue_delay_us
     enc.dynamic_batching.preferred_batch_size.extend(options.encoder_preferred_batch_sizes)
+    enc.response_cache.enable = options.encoder_response_cache
     enc.parameters["intra_op_threads"].string_value = str(options.intra_op_threads)
 
-    dec = _python_model(spec.MASK_DECODER, variant, weights, io[spec.MASK_DECODER], options.decoder_instances)
+    dec = _python_model(
+        spec.MASK_DECODER, variant, weights, io[spec.MASK_DECODER], options.decoder_instances,
+        max_batch_size=options.decoder_max_batch_size,
+    )
+    dec.dynamic_batching.max_queue_delay_microseconds = options.decoder_queue_delay_us
     dec.parameters["intra_op_threads"].string_value = str(options.intra_op_threads)
+    dec.parameters["max_boxes"].string_value = str(options.limits.max_boxes)
 
     post = _python_model(spec.POSTPROCESS, variant, weights, io[spec.POSTPROCESS], options.postprocess_instances)
     post.parameters["image_size"].string_value = size
 
-    ens = _base(spec.ENSEMBLE, variant, weights)
-    ens.platform = "ensemble"
-    ens.max_batch_size = 0
-    _add_tensors(ens.input, io[spec.ENSEMBLE].inputs)
-    _add_tensors(ens.output, io[spec.ENSEMBLE].outputs)
-    for model, inputs, outputs in spec.ensemble_steps(variant.image_size):
-        step = ens.ensemble_scheduling.step.add(model_name=model, model_version=-1)
-        step.input_map.update(inputs)
-        step.output_map.update(outputs)
+    ensembles = []
+    for name in (spec.ENSEMBLE, spec.ENCODE_ENSEMBLE):
+        ens = _base(name, variant, weights)
+        ens.platform = "ensemble"
+        ens.max_batch_size = 0
+        _add_tensors(ens.input, io[name].inputs, inputs=True)
+        _add_tensors(ens.output, io[name].outputs)
+        for model, inputs, outputs in spec.ensemble_steps(name, variant.image_size):
+            step = ens.ensemble_scheduling.step.add(model_name=model, model_version=-1)
+            step.input_map.update(inputs)
+            step.output_map.update(outputs)
+        ensembles.append(ens)
 
-    return {c.name: c for c in (ens, pre, enc, dec, post)}
+    return {c.name: c for c in (*ensembles, pre, enc, dec, post)}
 
 
 def to_pbtxt(cfg: mc.ModelConfig) -> str:

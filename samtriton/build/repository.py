@@ -16,7 +16,7 @@ from samtriton.build.registry import ModelVariant
 
 # The python models' sources, laid out as a Triton repository in the project.
 MODEL_SOURCES = Path(__file__).resolve().parents[2] / "model_repository"
-MODEL_NAMES = (spec.ENSEMBLE, spec.PREPROCESS, spec.IMAGE_ENCODER, spec.MASK_DECODER, spec.POSTPROCESS)
+MODEL_NAMES = (spec.ENSEMBLE, spec.ENCODE_ENSEMBLE, spec.PREPROCESS, spec.IMAGE_ENCODER, spec.MASK_DECODER, spec.POSTPROCESS)
 # Placeholder written into the configs committed under model_repository/.
 TEMPLATE_WEIGHTS = WeightsInfo(description="set by `samtriton build`", random=False)
 

@@ -160,14 +160,18 @@ class Preprocessed:
 
 
 def preprocess(image_bytes: bytes, boxes, image_size: int, mean, std, limits: Limits = Limits()) -> Preprocessed:
+    """`boxes=None` prepares the image alone (the `sam_encode` ensemble)."""
     rgb = decode_image(image_bytes, limits)
     h, w = rgb.shape[:2]
     new_h, new_w = resized_shape(h, w, image_size)
     geometry = Geometry(h, w, new_h, new_w)
-    valid = validate_boxes(boxes, geometry, limits)
+    if boxes is None:
+        model_boxes = np.zeros((0, 4), dtype=np.float32)
+    else:
+        model_boxes = transform_boxes(validate_boxes(boxes, geometry, limits), geometry)
     resized = resize_longest_side(rgb, image_size)
     return Preprocessed(
         pixel_values=normalise_and_pad(resized, image_size, mean, std),
-        model_boxes=transform_boxes(valid, geometry),
+        model_boxes=model_boxes,
         geometry=geometry,
     )

@@ -21,8 +21,9 @@ class TritonPythonModel:
 
     def _one(self, request):
         wanted = requested_outputs(request.parameters())
-        low_res = input_array(request, spec.LOW_RES_MASKS.name)
-        scores = input_array(request, spec.IOU_PREDICTIONS.name).astype(np.float32, copy=False)
+        low_res = input_array(request, spec.LOW_RES_MASKS_NAME)
+        low_res = low_res.reshape(-1, *low_res.shape[-2:])
+        scores = input_array(request, spec.IOU_PREDICTIONS_NAME).reshape(-1).astype(np.float32, copy=False)
         geometry = Geometry.from_array(input_array(request, spec.IMAGE_GEOMETRY.name))
         outputs = []
         if spec.SCORES.name in wanted:

@@ -32,11 +32,13 @@ class TritonPythonModel:
         images = input_array(request, spec.IMAGE.name).reshape(-1)
         if images.size != 1:
             raise InvalidInput(spec.IMAGE.name, f"expected exactly one encoded image, got {images.size}")
-        boxes = input_array(request, spec.BOXES.name)
+        # Absent for `sam_encode` requests (the `sam` ensemble requires it).
+        box_tensor = pb_utils.get_input_tensor_by_name(request, spec.BOXES.name)
+        boxes = None if box_tensor is None else box_tensor.as_numpy()
         out = preprocess(images[0], boxes, self.image_size, self.pixel_mean, self.pixel_std, self.limits)
         return [
             tensor(spec.PIXEL_VALUES_NAME, out.pixel_values[np.newaxis]),
-            tensor(spec.MODEL_BOXES.name, out.model_boxes),
+            tensor(spec.MODEL_BOXES_NAME, out.model_boxes[np.newaxis]),
             tensor(spec.IMAGE_GEOMETRY.name, out.geometry.as_array()),
         ]
 
