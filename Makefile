@@ -23,9 +23,10 @@ $(VENV)/.setup-done: pyproject.toml constraints.txt
 	touch $@
 
 # Builds $(REPO_DIR) from $(SAM_CHECKPOINT), or from random weights when none is
-# given; rebuilt when the weights source changes.
+# given; rebuilt when the weights source or the project's code changes.
 repository: setup
-	@source="$${SAM_CHECKPOINT:-random}"; \
+	@code=$$(find samtriton model_repository -name '*.py' -o -name '*.pbtxt' | LC_ALL=C sort | xargs cat | sha256sum | cut -c1-16); \
+	source="$${SAM_CHECKPOINT:-random} code=$$code"; \
 	if [ "$$(cat $(REPO_DIR)/.built-from 2>/dev/null)" != "$(MODEL) $$source" ]; then \
 	  if [ -z "$(SAM_CHECKPOINT)" ]; then \
 	    echo "==================================================================="; \

@@ -7,11 +7,15 @@ from samtriton.client.errors import (
     SamTritonError,
     ServerUnavailableError,
 )
+from samtriton.client.async_client import AsyncSamClient
+from samtriton.client.protocol import EncodedImage
 from samtriton.client.result import SegmentationResult
 from samtriton.client.sync_client import SamClient
 
 __all__ = [
     "SamClient",
+    "AsyncSamClient",
+    "EncodedImage",
     "SegmentationResult",
     "SamTritonError",
     "InvalidInputError",

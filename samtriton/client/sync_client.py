@@ -2,71 +2,37 @@
 
 from __future__ import annotations
 
-import numpy as np
+import asyncio
+from typing import Iterable
+
+from tritonclient.utils import InferenceServerException
 
 from samtriton import spec
-from samtriton.client.errors import SamTritonError, ServerUnavailableError, from_triton
+from samtriton.client import protocol as proto
+from samtriton.client.errors import ServerUnavailableError, from_triton
 from samtriton.client.inputs import as_boxes, encode_image
 from samtriton.client.result import SegmentationResult
-from samtriton.serving.outputs import OUTPUTS_PARAMETER
-from samtriton.serving.postprocessing import decode_rle
-
-PROTOCOLS = ("grpc", "http")
-MASK_TRANSPORTS = ("rle", "dense")
-DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
-
-
-def _triton_module(protocol: str):
-    if protocol == "grpc":
-        import tritonclient.grpc as module
-    elif protocol == "http":
-        import tritonclient.http as module
-    else:
-        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    return module
-
-
-def build_request(module, image_bytes: bytes, boxes: np.ndarray, mask_transport: str):
-    """Inputs, requested outputs and parameters of one `sam` request (shared by the sync and async clients)."""
-    if mask_transport not in MASK_TRANSPORTS:
-        raise ValueError(f"mask_transport must be one of {MASK_TRANSPORTS}, got {mask_transport!r}")
-    image = module.InferInput(spec.IMAGE.name, [1], spec.IMAGE.wire_dtype)
-    image.set_data_from_numpy(np.array([image_bytes], dtype=np.object_))
-    box_input = module.InferInput(spec.BOXES.name, list(boxes.shape), spec.BOXES.wire_dtype)
-    box_input.set_data_from_numpy(boxes)
-    masks_output = spec.MASKS_RLE.name if mask_transport == "rle" else spec.MASKS.name
-    names = [spec.SCORES.name, masks_output]
-    outputs = [module.InferRequestedOutput(n) for n in names]
-    return [image, box_input], outputs, {OUTPUTS_PARAMETER: ",".join(names)}
-
-
-def parse_response(response, boxes: np.ndarray, mask_transport: str) -> SegmentationResult:
-    scores = response.as_numpy(spec.SCORES.name)
-    if mask_transport == "rle":
-        rles = [bytes(r) for r in response.as_numpy(spec.MASKS_RLE.name)]
-        masks = decode_rle(rles)
-    else:
-        rles = []
-        masks = response.as_numpy(spec.MASKS.name).astype(bool)
-    if scores is None or masks.shape[0] != scores.shape[0]:
-        raise SamTritonError("response is missing outputs or their lengths disagree")
-    return SegmentationResult(masks=masks, scores=scores.astype(np.float32), boxes=boxes, rles=rles)
 
 
 class SamClient:
-    """Segment an image with box prompts on a Triton server serving the `sam` ensemble.
+    """Segment images with box prompts on a Triton server serving the `sam` ensemble.
 
     >>> client = SamClient("localhost:8001", protocol="grpc")
     >>> result = client.segment("photo.jpg", [[10, 20, 200, 240]])
     >>> result.masks.shape, result.scores
+
+    Interactive use, one image and many prompts: `encoded = client.encode(image)`
+    once, then `client.decode(encoded, boxes)` as often as needed; the server
+    answers the image encoder from its response cache.
     """
 
     def __init__(self, url: str | None = None, protocol: str = "grpc", model_name: str = spec.ENSEMBLE,
-                 timeout_s: float = 300.0):
+                 encode_model_name: str = spec.ENCODE_ENSEMBLE, timeout_s: float = 300.0):
         self.protocol = protocol
         self.model_name = model_name
-        self.url = url or DEFAULT_URLS[protocol]
-        self._module = _triton_module(protocol)
+        self.encode_model_name = encode_model_name
+        self.url = url or proto.DEFAULT_URLS[protocol]
+        self._module = proto.triton_module(protocol)
         self._timeout_s = timeout_s
         try:
             if protocol == "grpc":
@@ -93,6 +59,15 @@ class SamClient:
         except Exception:
             return False
 
+    def _infer(self, model_name, inputs, outputs, parameters=None):
+        kwargs = {"client_timeout": self._timeout_s} if self.protocol == "grpc" else {}
+        try:
+            return self._client.infer(model_name, inputs, outputs=outputs, parameters=parameters, **kwargs)
+        except InferenceServerException as e:
+            raise from_triton(e) from e
+        except (ConnectionError, OSError) as e:
+            raise ServerUnavailableError(f"{self.url}: {e}") from e
+
     def segment(self, image, boxes, mask_transport: str = "rle") -> SegmentationResult:
         """Masks for `boxes` (N x 4, xyxy, original pixels) on `image`.
 
@@ -101,12 +76,36 @@ class SamClient:
         "dense" fetches the N x H x W uint8 masks as they are.
         """
         box_array = as_boxes(boxes)
-        inputs, outputs, params = build_request(self._module, encode_image(image), box_array, mask_transport)
-        kwargs = {"client_timeout": self._timeout_s} if self.protocol == "grpc" else {}
-        try:
-            response = self._client.infer(self.model_name, inputs, outputs=outputs, parameters=params, **kwargs)
-        except self._module.InferenceServerException as e:
-            raise from_triton(e) from e
-        except (ConnectionError, OSError) as e:
-            raise ServerUnavailableError(f"{self.url}: {e}") from e
-        return parse_response(response, box_array, mask_transport)
+        inputs, outputs, params = proto.segment_request(self._module, encode_image(image), box_array, mask_transport)
+        response = self._infer(self.model_name, inputs, outputs, params)
+        return proto.segment_response(response, box_array, mask_transport)
+
+    def encode(self, image, return_embeddings: bool = False) -> proto.EncodedImage:
+        """Run the image encoder once (the server caches the embedding)."""
+        image_bytes = encode_image(image)
+        model, inputs, outputs, params = proto.encode_request(
+            self._module, image_bytes, return_embeddings, self.model_name, self.encode_model_name
+        )
+        response = self._infer(model, inputs, outputs, params)
+        return proto.encode_response(response, image_bytes, return_embeddings)
+
+    def decode(self, encoded: proto.EncodedImage, boxes, mask_transport: str = "rle") -> SegmentationResult:
+        """Masks for new boxes on an image passed to `encode` before."""
+        return self.segment(encoded.image_bytes, boxes, mask_transport)
+
+    def segment_many(self, requests: Iterable[tuple[object, object]], concurrency: int = 16,
+                     mask_transport: str = "rle", return_exceptions: bool = False) -> list:
+        """Segment many (image, boxes) pairs keeping `concurrency` requests in flight.
+
+        Results come in the order of `requests`.  With `return_exceptions`, a
+        failed request gives its exception in its place instead of raising.
+        Runs an asyncio client of the same protocol on a private event loop.
+        """
+        from samtriton.client.async_client import AsyncSamClient
+
+        async def run():
+            async with AsyncSamClient(self.url, self.protocol, self.model_name, self.encode_model_name,
+                                      self._timeout_s) as client:
+                return await client.segment_many(requests, concurrency, mask_transport, return_exceptions)
+
+        return asyncio.run(run())

@@ -1,0 +1,98 @@
+"""asyncio SDK over tritonclient's grpc.aio / http.aio clients."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Iterable
+
+from tritonclient.utils import InferenceServerException
+
+from samtriton import spec
+from samtriton.client import protocol as proto
+from samtriton.client.errors import ServerUnavailableError, from_triton
+from samtriton.client.inputs import as_boxes, encode_image
+from samtriton.client.result import SegmentationResult
+
+
+class AsyncSamClient:
+    """The asyncio twin of `SamClient`: same methods, awaited.
+
+    >>> async with AsyncSamClient("localhost:8001") as client:
+    ...     results = await client.segment_many([(img, boxes) for img, boxes in work], concurrency=32)
+    """
+
+    def __init__(self, url: str | None = None, protocol: str = "grpc", model_name: str = spec.ENSEMBLE,
+                 encode_model_name: str = spec.ENCODE_ENSEMBLE, timeout_s: float = 300.0):
+        self.protocol = protocol
+        self.model_name = model_name
+        self.encode_model_name = encode_model_name
+        self.url = url or proto.DEFAULT_URLS[protocol]
+        self._module = proto.triton_module(protocol)
+        self._timeout_s = timeout_s
+        if protocol == "grpc":
+            import tritonclient.grpc.aio as aio
+
+            self._client = aio.InferenceServerClient(self.url)
+        else:
+            import tritonclient.http.aio as aio
+
+            self._client = aio.InferenceServerClient(self.url, conn_timeout=timeout_s)
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def is_ready(self) -> bool:
+        try:
+            return bool(await self._client.is_server_ready() and await self._client.is_model_ready(self.model_name))
+        except Exception:
+            return False
+
+    async def _infer(self, model_name, inputs, outputs, parameters=None):
+        kwargs = {"client_timeout": self._timeout_s} if self.protocol == "grpc" else {}
+        try:
+            return await self._client.infer(model_name, inputs, outputs=outputs, parameters=parameters, **kwargs)
+        except InferenceServerException as e:
+            raise from_triton(e) from e
+        except (ConnectionError, OSError) as e:
+            raise ServerUnavailableError(f"{self.url}: {e}") from e
+
+    async def segment(self, image, boxes, mask_transport: str = "rle") -> SegmentationResult:
+        box_array = as_boxes(boxes)
+        inputs, outputs, params = proto.segment_request(self._module, encode_image(image), box_array, mask_transport)
+        response = await self._infer(self.model_name, inputs, outputs, params)
+        return proto.segment_response(response, box_array, mask_transport)
+
+    async def encode(self, image, return_embeddings: bool = False) -> proto.EncodedImage:
+        image_bytes = encode_image(image)
+        model, inputs, outputs, params = proto.encode_request(
+            self._module, image_bytes, return_embeddings, self.model_name, self.encode_model_name
+        )
+        response = await self._infer(model, inputs, outputs, params)
+        return proto.encode_response(response, image_bytes, return_embeddings)
+
+    async def decode(self, encoded: proto.EncodedImage, boxes, mask_transport: str = "rle") -> SegmentationResult:
+        return await self.segment(encoded.image_bytes, boxes, mask_transport)
+
+    async def segment_many(self, requests: Iterable[tuple[object, object]], concurrency: int = 16,
+                           mask_transport: str = "rle", return_exceptions: bool = False) -> list:
+        """Keeps up to `concurrency` requests in flight; results in input order."""
+        if concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(image, boxes):
+            async with gate:
+                return await self.segment(image, boxes, mask_transport)
+
+        tasks = [asyncio.ensure_future(one(image, boxes)) for image, boxes in requests]
+        try:
+            return await asyncio.gather(*tasks, return_exceptions=return_exceptions)
+        finally:
+            for task in tasks:  # on the first error (without return_exceptions) stop the rest
+                task.cancel()

@@ -1,0 +1,52 @@
+"""The served pipeline run in-process, one request at a time, without Triton.
+
+It reads the same model repository (configs and ONNX files) and calls the
+same functions as the python models, so it is the reference for "what a
+request gets alone" and the in-process side of served-vs-in-process figures.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from samtriton import spec
+from samtriton.serving.onnx_runtime import decode, encode, make_session
+from samtriton.serving.postprocessing import masks_from_logits
+from samtriton.serving.preprocessing import Limits, Preprocessed, preprocess
+
+
+def _parameters(repo: Path, model: str) -> dict[str, str]:
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    cfg = text_format.Parse((repo / model / "config.pbtxt").read_text(), mc.ModelConfig())
+    return {k: v.string_value for k, v in cfg.parameters.items()}
+
+
+class InProcessPipeline:
+    def __init__(self, model_repository: str | Path, intra_op_threads: int = 0):
+        repo = Path(model_repository)
+        params = _parameters(repo, spec.PREPROCESS)
+        self.image_size = int(params["image_size"])
+        self.pixel_mean = [float(v) for v in params["pixel_mean"].split(",")]
+        self.pixel_std = [float(v) for v in params["pixel_std"].split(",")]
+        self.limits = Limits(int(params["max_image_bytes"]), int(params["max_pixels"]), int(params["max_boxes"]))
+        self.encoder = make_session(str(repo / spec.IMAGE_ENCODER / "1" / "model.onnx"), intra_op_threads)
+        self.decoder = make_session(str(repo / spec.MASK_DECODER / "1" / "model.onnx"), intra_op_threads)
+
+    def preprocess(self, image_bytes: bytes, boxes=None) -> Preprocessed:
+        return preprocess(image_bytes, boxes, self.image_size, self.pixel_mean, self.pixel_std, self.limits)
+
+    def encode(self, pre: Preprocessed) -> np.ndarray:
+        return encode(self.encoder, pre.pixel_values[np.newaxis])
+
+    def decode(self, embeddings: np.ndarray, model_boxes: np.ndarray):
+        return decode(self.decoder, embeddings, model_boxes, np.zeros(model_boxes.shape[0], np.int32))
+
+    def segment(self, image_bytes: bytes, boxes) -> tuple[np.ndarray, np.ndarray]:
+        """(masks (N, H, W) bool, scores (N,) float32) for one request."""
+        pre = self.preprocess(image_bytes, np.asarray(boxes, dtype=np.float32))
+        low_res, scores = self.decode(self.encode(pre), pre.model_boxes)
+        return masks_from_logits(low_res, pre.geometry, self.image_size), scores

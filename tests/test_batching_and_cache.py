@@ -1,0 +1,209 @@
+"""Batching across requests (encoder dynamic batching, decoder ragged batching), the
+embedding cache, and the SDK at concurrency >= 16, against a real tritonserver."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from samtriton.client import AsyncSamClient, InvalidInputError, SamClient
+from samtriton.client.errors import from_triton
+from samtriton.sample_image import sample_scene
+from samtriton.serving.pipeline import InProcessPipeline
+from tests.conftest import encode, mask_iou, random_boxes
+
+pytestmark = pytest.mark.integration
+
+CONCURRENCY = 16
+
+
+def _stats(server, model: str) -> dict[str, int]:
+    import tritonclient.grpc as g
+
+    client = g.InferenceServerClient(server.grpc_url)
+    try:
+        s = client.get_inference_statistics(model).model_stats[0]
+    finally:
+        client.close()
+    return {
+        "inference_count": s.inference_count,
+        "execution_count": s.execution_count,
+        "cache_hit": s.inference_stats.cache_hit.count,
+        "cache_miss": s.inference_stats.cache_miss.count,
+        "success": s.inference_stats.success.count,
+    }
+
+
+def _delta(after, before):
+    return {k: after[k] - before[k] for k in after}
+
+
+def _settled_delta(server, model, before, expect: dict, timeout_s: float = 5.0):
+    """The change in `model`'s statistics since `before`, once it shows `expect`
+    (Triton records some counters just after the response leaves) or time is up."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        delta = _delta(_stats(server, model), before)
+        if all(delta[k] == v for k, v in expect.items()) or time.monotonic() > deadline:
+            return delta
+        time.sleep(0.05)
+
+
+def _workload(n: int, seed: int):
+    """n distinct images (never served before: seeds of their own) with 1..n boxes each."""
+    work = []
+    for i in range(n):
+        w, h = 320 + 16 * i, 240 + 8 * i
+        scene, _ = sample_scene(w, h, seed=seed + i)
+        boxes = random_boxes(np.random.default_rng(seed + i), 1 + i % 8, w, h)
+        work.append((encode(scene, "JPEG", quality=90), boxes))
+    return work
+
+
+@pytest.fixture(scope="module")
+def pipeline(built_repository):
+    repo, _ = built_repository
+    return InProcessPipeline(repo)
+
+
+def _assert_same_as_alone(results, work, pipeline):
+    for result, (image, boxes) in zip(results, work):
+        masks, scores = pipeline.segment(image, boxes)
+        # Batched GEMMs round differently in the last bits: tolerance, not bit equality.
+        np.testing.assert_allclose(result.scores, scores, atol=1e-5)
+        assert mask_iou(result.masks, masks).min() >= 0.999
+
+
+def test_concurrent_clients_are_batched_and_get_their_own_masks(triton_server, pipeline):
+    work = _workload(CONCURRENCY, seed=1000)
+    enc0, dec0 = _stats(triton_server, "image_encoder"), _stats(triton_server, "mask_decoder")
+    with SamClient(triton_server.grpc_url) as client:
+        results = client.segment_many(work, concurrency=CONCURRENCY)
+    enc = _settled_delta(triton_server, "image_encoder", enc0, {"inference_count": CONCURRENCY})
+    dec = _settled_delta(triton_server, "mask_decoder", dec0, {"inference_count": CONCURRENCY})
+    print(f"\nimage_encoder: {enc}\nmask_decoder: {dec}")
+    assert enc["inference_count"] == CONCURRENCY and enc["cache_miss"] == CONCURRENCY
+    assert enc["execution_count"] < enc["inference_count"]  # several images per encoder call
+    assert dec["inference_count"] == CONCURRENCY
+    assert dec["execution_count"] < dec["inference_count"]  # several requests per decoder call
+    _assert_same_as_alone(results, work, pipeline)
+
+
+def test_async_client_at_concurrency_16_hits_the_cache(triton_server, pipeline):
+    work = _workload(4, seed=2000)
+    with SamClient(triton_server.grpc_url) as client:
+        for image, boxes in work:  # warm the cache, one image at a time
+            client.segment(image, boxes)
+    repeated = [(image, boxes[:1] + k) for k in range(4) for image, boxes in work]  # new boxes, same images
+    enc0 = _stats(triton_server, "image_encoder")
+
+    async def run(protocol):
+        async with AsyncSamClient(triton_server.url(protocol), protocol=protocol) as client:
+            assert await client.is_ready()
+            return await client.segment_many(repeated, concurrency=CONCURRENCY)
+
+    for protocol in ("grpc", "http"):
+        results = asyncio.run(run(protocol))
+        assert len(results) == len(repeated)
+        _assert_same_as_alone(results[:4], repeated[:4], pipeline)
+    enc = _settled_delta(triton_server, "image_encoder", enc0, {"cache_hit": 2 * len(repeated)})
+    print(f"\nimage_encoder over {2 * len(repeated)} cached requests: {enc}")
+    assert enc["cache_hit"] == 2 * len(repeated)
+    assert enc["inference_count"] == 0 and enc["execution_count"] == 0
+
+
+def test_encode_then_decode_runs_the_encoder_once(triton_server):
+    scene, boxes = sample_scene(600, 400, seed=3000)
+    image = encode(scene, "PNG")
+    with SamClient(triton_server.grpc_url) as client:
+        before = _stats(triton_server, "image_encoder")
+        encoded = client.encode(image)
+        assert (encoded.height, encoded.width) == (400, 600) and encoded.embeddings is None
+        results = [client.decode(encoded, boxes[i : i + 2]) for i in range(0, 6, 2)]
+        enc = _settled_delta(triton_server, "image_encoder", before, {"cache_hit": 3})
+        assert enc["inference_count"] == 1 and enc["cache_miss"] == 1 and enc["cache_hit"] == 3
+        full = client.segment(image, boxes[:6])
+        with_embedding = client.encode(image, return_embeddings=True)
+    assert with_embedding.embeddings.shape == (1, 256, 64, 64)
+    assert np.array_equal(np.concatenate([r.masks for r in results]), full.masks)
+    assert np.array_equal(np.concatenate([r.scores for r in results]), full.scores)
+
+
+def test_encode_rejects_bad_image(triton_server):
+    with SamClient(triton_server.http_url, protocol="http") as client:
+        with pytest.raises(InvalidInputError) as info:
+            client.encode(b"GIF89a not really")
+    assert info.value.field == "image"
+
+
+def _decoder_request(server, embeddings, model_boxes):
+    import tritonclient.grpc as g
+
+    client = g.InferenceServerClient(server.grpc_url)
+    try:
+        emb = g.InferInput("image_embeddings", list(embeddings.shape), "FP32")
+        emb.set_data_from_numpy(embeddings)
+        boxes = g.InferInput("model_boxes", list(model_boxes.shape), "FP32")
+        boxes.set_data_from_numpy(model_boxes)
+        r = client.infer("mask_decoder", [emb, boxes])
+        return r.as_numpy("low_res_masks"), r.as_numpy("iou_predictions")
+    finally:
+        client.close()
+
+
+def test_decoder_ragged_batch_with_a_bad_request_inside(triton_server, pipeline):
+    """Requests with 1, 3 and 7 boxes on two images and two bad ones reach the
+    decoder together; the bad ones fail alone, the rest match one-at-a-time."""
+    images = [sample_scene(500, 375, seed=s)[0] for s in (4000, 4001)]
+    embeddings = []
+    for img in images:
+        pre = pipeline.preprocess(encode(img, "PNG"))
+        embeddings.append(pipeline.encode(pre))
+    rng = np.random.default_rng(5)
+    good = [
+        (embeddings[0], random_boxes(rng, 1, 1024, 768)[None]),
+        (embeddings[1], random_boxes(rng, 3, 1024, 768)[None]),
+        (embeddings[0], random_boxes(rng, 7, 1024, 768)[None]),
+    ]
+    nan_boxes = random_boxes(rng, 2, 1024, 768)[None]
+    nan_boxes[0, 1, 2] = np.nan
+    bad = [(embeddings[1], nan_boxes), (embeddings[0], np.zeros((1, 0, 4), np.float32))]
+    busy = (embeddings[1], random_boxes(rng, 47, 1024, 768)[None])  # occupies the decoder meanwhile
+
+    before = _stats(triton_server, "mask_decoder")
+    outcomes = {}
+
+    def call(key, emb, boxes):
+        try:
+            outcomes[key] = _decoder_request(triton_server, emb, boxes)
+        except Exception as e:  # noqa: BLE001 - inspected below
+            outcomes[key] = e
+
+    threads = [threading.Thread(target=call, args=("busy", *busy))]
+    threads[0].start()
+    time.sleep(0.5)
+    for key, (emb, boxes) in [*((f"good{i}", g) for i, g in enumerate(good)), *((f"bad{i}", b) for i, b in enumerate(bad))]:
+        threads.append(threading.Thread(target=call, args=(key, emb, boxes)))
+        threads[-1].start()
+    for t in threads:
+        t.join(300)
+    dec = _settled_delta(triton_server, "mask_decoder", before, {"inference_count": 6})
+    print(f"\nmask_decoder: {dec}")
+    # The busy request alone, then the five others (bad ones included) in one
+    # execute() call.  (Triton counts a python model's per-request error
+    # responses as successful executions.)
+    assert dec["inference_count"] == 6 and dec["execution_count"] <= 2
+
+    for i, (emb, boxes) in enumerate(good):
+        low_res, iou = outcomes[f"good{i}"]
+        ref_low, ref_iou = pipeline.decode(emb, boxes[0])
+        assert low_res.shape == (1, boxes.shape[1], 256, 256) and iou.shape == (1, boxes.shape[1])
+        np.testing.assert_allclose(iou[0], ref_iou, atol=1e-5)
+        assert np.mean((low_res[0] > 0) == (ref_low > 0)) > 0.9999
+    for i in range(len(bad)):
+        error = from_triton(outcomes[f"bad{i}"])
+        assert isinstance(error, InvalidInputError) and error.field == "model_boxes", error
