@@ -1,0 +1,108 @@
+"""Embedding cache: a 1-box request on a cached image vs on a new image, in one run.
+
+    .venv/bin/python perf/cache_ratio.py --model-repository var/model_repository
+
+Starts a server, sends 1-box requests on images it has never seen (encoder
+runs) and on one image it has (encoder answered from Triton's response
+cache), prints medians, the ratio and the encoder's counters over the cached
+phase, and writes perf/results/cache.csv.  Exits non-zero if the encoder ran
+during the cached phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+from samtriton import server, spec
+from samtriton.client import SamClient
+from samtriton.sample_image import sample_scene
+
+sys.path.insert(0, str(Path(__file__).parent))
+from latency import RESULTS, machine  # noqa: E402
+
+
+def jpeg(seed: int) -> bytes:
+    scene, _ = sample_scene(1024, 683, seed=seed)
+    buf = io.BytesIO()
+    scene.save(buf, format="JPEG", quality=92)
+    return buf.getvalue()
+
+
+def encoder_counters(url: str) -> dict[str, int]:
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        s = client.get_inference_statistics(spec.IMAGE_ENCODER).model_stats[0]
+    finally:
+        client.close()
+    return {"executions": s.execution_count, "inferences": s.inference_count,
+            "cache_hits": s.inference_stats.cache_hit.count, "cache_misses": s.inference_stats.cache_miss.count}
+
+
+def timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return (time.perf_counter() - started) * 1000
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model-repository", default="var/model_repository")
+    parser.add_argument("--new-images", type=int, default=5)
+    parser.add_argument("--cached-requests", type=int, default=15)
+    args = parser.parse_args()
+
+    rng = np.random.default_rng(0)
+
+    def one_box():
+        x0, y0 = rng.uniform(0, 800), rng.uniform(0, 500)
+        return [[x0, y0, x0 + rng.uniform(40, 200), y0 + rng.uniform(40, 180)]]
+
+    http, grpc, metrics = server.free_ports(3)
+    proc = server.start(server.ServerOptions(Path(args.model_repository), http, grpc, metrics),
+                        stdout=open(os.devnull, "wb"), stderr=open(os.devnull, "wb"))
+    try:
+        server.wait_ready(proc, http)
+        url = f"127.0.0.1:{grpc}"
+        with SamClient(url) as client:
+            client.segment(jpeg(999), one_box())  # warm-up: first calls pay one-off costs
+            new_images = [jpeg(seed) for seed in range(args.new_images)]
+            new = [timed(lambda img=img: client.segment(img, one_box())) for img in new_images]
+            cached_image = jpeg(0)  # served above, so its embedding is in the cache
+            before = encoder_counters(url)
+            cached = [timed(lambda: client.segment(cached_image, one_box())) for _ in range(args.cached_requests)]
+            time.sleep(0.2)  # Triton records the last hit just after answering
+            after = encoder_counters(url)
+    finally:
+        server.stop(proc)
+
+    delta = {k: after[k] - before[k] for k in after}
+    new_ms, cached_ms = statistics.median(new), statistics.median(cached)
+    ratio = new_ms / cached_ms
+    desc = machine()
+    print(f"machine: {desc}\nMobileSAM, 1024x683 JPEG, 1 box per request, gRPC, medians")
+    print(f"  new image     ({len(new):>2} requests) {new_ms:8.1f} ms")
+    print(f"  cached image  ({len(cached):>2} requests) {cached_ms:8.1f} ms")
+    print(f"  ratio new / cached: {ratio:.1f}x")
+    print(f"  image_encoder over the cached requests: {delta}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS / "cache.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["machine", "new_image_ms", "cached_image_ms", "ratio", "encoder_executions_during_cached",
+                    "cache_hits_during_cached"])
+        w.writerow([desc, f"{new_ms:.1f}", f"{cached_ms:.1f}", f"{ratio:.2f}", delta["executions"],
+                    delta["cache_hits"]])
+    return 0 if delta["executions"] == 0 and delta["cache_hits"] == len(cached) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
