@@ -139,18 +139,17 @@ def start(opts: ServerOptions, stdout=None, stderr=None) -> subprocess.Popen:
     )
 
 
-def ensemble_in_flight(http_port: int, host: str = "127.0.0.1") -> tuple[int, tuple[int, ...]]:
-    """Requests inside the `sam` ensemble, from Triton's statistics, and the
-    counters it was computed from.
+def in_flight_from_stats(stats: dict) -> tuple[int, tuple[int, ...]]:
+    """Requests inside the ensembles, from Triton's /v2/models/stats JSON, and
+    the counters it was computed from.
 
     Triton 2.51 keeps no in-flight count for ensembles (their pending count
     stays 0), so it is derived from the steps: requests that got through
-    preprocess, less those the postprocess finished or a middle step failed.
-    A request still inside preprocess is not counted; callers compare the
-    counters over a short interval to see it.
+    preprocess, less those that finished since: in the postprocess (`sam`),
+    as a successful `sam_encode` (which ends at the encoder), or failed in a
+    middle step.  A request still inside preprocess is not counted; callers
+    compare the counters over a short interval to see it.
     """
-    with urllib.request.urlopen(f"http://{host}:{http_port}/v2/models/stats", timeout=5) as r:
-        stats = json.load(r)
     by_model = {m["name"]: m.get("inference_stats", {}) for m in stats.get("model_stats", [])}
 
     def count(model: str, kind: str) -> int:
@@ -160,11 +159,16 @@ def ensemble_in_flight(http_port: int, host: str = "127.0.0.1") -> tuple[int, tu
     finished = (
         count(spec.POSTPROCESS, "success")
         + count(spec.POSTPROCESS, "fail")
+        + count(spec.ENCODE_ENSEMBLE, "success")
         + count(spec.IMAGE_ENCODER, "fail")
         + count(spec.MASK_DECODER, "fail")
     )
-    counters = (entered, count(spec.PREPROCESS, "fail"), finished)
-    return entered - finished, counters
+    return entered - finished, (entered, count(spec.PREPROCESS, "fail"), finished)
+
+
+def ensemble_in_flight(http_port: int, host: str = "127.0.0.1") -> tuple[int, tuple[int, ...]]:
+    with urllib.request.urlopen(f"http://{host}:{http_port}/v2/models/stats", timeout=5) as r:
+        return in_flight_from_stats(json.load(r))
 
 
 def drain(http_port: int, timeout_s: float, settle_s: float = 1.0, poll_s: float = 0.1) -> bool:

@@ -129,3 +129,32 @@ def test_box_validation_messages():
         validate_boxes(np.zeros((3,), np.float32), g)
     with pytest.raises(InvalidInput, match=r"^boxes: expected FP32"):
         validate_boxes(np.zeros((1, 4), np.float64), g)
+
+
+def test_shutdown_drain_counts_requests_in_the_ensembles():
+    from samtriton.server import in_flight_from_stats
+
+    def stats(**counts):
+        models = {}
+        for key, n in counts.items():
+            model, kind = key.rsplit("_", 1)
+            models.setdefault(model, {})[kind] = {"count": n}
+        return {"model_stats": [{"name": m, "inference_stats": s} for m, s in models.items()]}
+
+    # 5 through preprocess: 2 finished in postprocess, 1 sam_encode done, 1 failed in the encoder.
+    busy, _ = in_flight_from_stats(stats(preprocess_success=5, postprocess_success=2, sam_encode_success=1,
+                                         image_encoder_fail=1))
+    assert busy == 1
+    idle, _ = in_flight_from_stats(stats(preprocess_success=3, preprocess_fail=4, postprocess_success=2,
+                                         sam_encode_success=1))
+    assert idle == 0
+    assert in_flight_from_stats({"model_stats": []})[0] == 0
+
+
+def test_decode_names_pil_decompression_bomb():
+    from PIL import Image as PILImage
+
+    data = _png("1", size=(20000, 20000))  # 1-bit: a small file, 400 MP
+    assert PILImage.MAX_IMAGE_PIXELS * 2 < 20000 * 20000
+    with pytest.raises(InvalidInput, match="^image: "):
+        decode_image(data, Limits(max_pixels=10**12))

@@ -59,6 +59,8 @@ def decode_image(data: bytes, limits: Limits = Limits()) -> np.ndarray:
         raise InvalidInput("image", f"{len(data)} bytes exceeds the limit of {limits.max_image_bytes} bytes")
     try:
         img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise InvalidInput("image", f"too many pixels ({e})") from None
     except Exception:
         raise InvalidInput("image", "not a decodable image (expected JPEG, PNG or WebP bytes)") from None
     if img.format not in ALLOWED_FORMATS:
@@ -81,8 +83,6 @@ def decode_image(data: bytes, limits: Limits = Limits()) -> np.ndarray:
                 img = img.convert("RGBA")
             img = img.convert("RGB")
         return np.asarray(img, dtype=np.uint8)
-    except InvalidInput:
-        raise
     except Exception as e:
         raise InvalidInput("image", f"cannot be decoded ({e})") from None
 
