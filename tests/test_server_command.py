@@ -1,0 +1,45 @@
+"""The tritonserver command line `samtriton serve` launches: secure defaults, cache, ports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from samtriton import server
+from samtriton.cli import build_parser
+
+
+def _command(**kwargs):
+    opts = server.ServerOptions(Path("/models"), 18000, 18001, 18002, admin_header="k:secret", **kwargs)
+    return server.server_command(opts, home=Path("/triton"))
+
+
+def test_secure_defaults_and_ports():
+    cmd = _command()
+    assert cmd[0] == "/triton/bin/tritonserver"
+    args = set(cmd[1:])
+    assert {
+        "--model-repository=/models",
+        "--http-port=18000",
+        "--grpc-port=18001",
+        "--metrics-port=18002",
+        "--model-control-mode=none",
+        "--grpc-restricted-protocol=model-repository,shared-memory:k=secret",
+        "--http-restricted-api=model-repository,shared-memory:k=secret",
+        f"--exit-timeout-secs={server.EXIT_TIMEOUT_S}",
+        "--strict-readiness=true",
+        "--backend-directory=/triton/backends",
+        "--cache-directory=/triton/caches",
+    } <= args
+    assert f"--cache-config=local,size={server.DEFAULT_CACHE_BYTES}" in args
+
+
+def test_cache_can_be_turned_off_and_admin_key_is_random_per_launch():
+    assert not any(a.startswith("--cache-config") for a in _command(cache_bytes=0))
+    a, b = server.ServerOptions(Path("/m")), server.ServerOptions(Path("/m"))
+    assert a.admin_header != b.admin_header and len(a.admin_header.split(":")[1]) == 32
+
+
+def test_serve_cli_defaults_match_the_documented_ports():
+    args = build_parser().parse_args(["serve", "--model-repository", "/m"])
+    assert (args.http_port, args.grpc_port, args.metrics_port) == (8000, 8001, 8002)
+    assert args.cache_size_mb * 2**20 == server.DEFAULT_CACHE_BYTES
