@@ -12,14 +12,32 @@ PYTEST_ARGS ?=
 
 SAMTRITON := $(VENV)/bin/samtriton
 
-.PHONY: setup repository serve demo test clean
+LOAD_VENV ?= .venv-load
+LOAD_USERS ?= 16
+LOAD_TIME ?= 2m
+P95_BOUND_MS ?= 60000
 
-setup: $(VENV)/.setup-done
+.PHONY: setup load-setup repository serve demo test bench perf-sweep load clean
+
+setup: $(VENV)/.setup-done load-setup
 
 $(VENV)/.setup-done: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[build,server,test]'
+	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[build,server,test,perf]'
+	@# perf_analyzer (shipped in tritonclient) needs libb64.so.0d from Debian's libb64-0d.
+	@ldconfig -p | grep -q libb64.so.0d || { echo "installing libb64-0d for perf_analyzer"; \
+	  (apt-get update -qq && apt-get install -y -qq libb64-0d) >/dev/null || \
+	  echo "WARNING: could not install libb64-0d (apt-get install libb64-0d): perf_analyzer will not start"; }
+	touch $@
+
+# The load generator's own venv: locust cannot share one with tritonclient[http] 2.51.
+load-setup: $(LOAD_VENV)/.setup-done
+
+$(LOAD_VENV)/.setup-done: perf/requirements-load.txt
+	$(PYTHON) -m venv $(LOAD_VENV)
+	$(LOAD_VENV)/bin/pip install --quiet --upgrade pip
+	$(LOAD_VENV)/bin/pip install --quiet -r perf/requirements-load.txt
 	touch $@
 
 # Builds $(REPO_DIR) from $(SAM_CHECKPOINT), or from random weights when none is
@@ -50,6 +68,20 @@ demo: repository
 
 test: setup
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# Batched vs one-by-one and serving overhead (a few minutes on 2 CPU cores).
+bench: repository
+	$(VENV)/bin/python perf/batched_vs_sequential.py --model-repository $(REPO_DIR)
+	$(VENV)/bin/python perf/serving_overhead.py --model-repository $(REPO_DIR)
+
+# perf_analyzer over gRPC and HTTP, concurrency 1..32 and request rates.
+perf-sweep: repository
+	$(VENV)/bin/python perf/sweep.py --model-repository $(REPO_DIR) --request-rates 0.25,0.5,1
+
+# locust, headless, against a server started for the run.
+load: repository load-setup
+	$(VENV)/bin/python perf/run_load.py --model-repository $(REPO_DIR) --locust $(LOAD_VENV)/bin/locust \
+	  --users $(LOAD_USERS) --run-time $(LOAD_TIME) --p95-bound-ms $(P95_BOUND_MS)
 
 clean:
 	rm -rf var .pytest_cache
