@@ -17,7 +17,7 @@ from samtriton.serving.postprocessing import masks_from_logits
 from samtriton.serving.preprocessing import Limits, Preprocessed, preprocess
 
 
-def _parameters(repo: Path, model: str) -> dict[str, str]:
+def repository_parameters(repo: Path, model: str) -> dict[str, str]:
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2 as mc
 
@@ -28,7 +28,7 @@ def _parameters(repo: Path, model: str) -> dict[str, str]:
 class InProcessPipeline:
     def __init__(self, model_repository: str | Path, intra_op_threads: int = 0):
         repo = Path(model_repository)
-        params = _parameters(repo, spec.PREPROCESS)
+        params = repository_parameters(repo, spec.PREPROCESS)
         self.image_size = int(params["image_size"])
         self.pixel_mean = [float(v) for v in params["pixel_mean"].split(",")]
         self.pixel_std = [float(v) for v in params["pixel_std"].split(",")]
