@@ -92,13 +92,17 @@ def run_one(binary, env, model, protocol, url, mode, levels, inputs_json, args, 
             str(binary), "-m", model, "-u", url, "-i", protocol,
             level_flag, f"{level}:{level}",
             "--percentile=95", "-f", str(out_csv),
-            "--measurement-mode", "count_windows", "--measurement-request-count", str(args.measurement_requests),
+            # A window must hold more requests than are in flight, or its p95 is one batch's timing
+            # and three windows rarely agree (perf_analyzer then reports no stable measurement).
+            "--measurement-mode", "count_windows", "--measurement-request-count",
+            str(max(args.measurement_requests, 2 * int(level)) if mode == "concurrency" else args.measurement_requests),
             "-s", str(args.stability_percentage), "-r", str(args.max_trials),
             *model_args(model, protocol, inputs_json),
         ]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout_s)
         if proc.returncode != 0 or not out_csv.exists():
-            print(f"  {model} {protocol} {mode}={level}: perf_analyzer failed:\n{proc.stdout[-1500:]}{proc.stderr[-1500:]}")
+            print(f"  {model} {protocol} {mode}={level}: perf_analyzer failed (exit {proc.returncode}):\n"
+                  f"{proc.stdout[-1500:]}{proc.stderr[-1500:]}")
             rows.append({"model": model, "protocol": protocol, "mode": mode, "level": level, "ok": False,
                          "outputs": sam_outputs(model, protocol)})
             continue
@@ -117,6 +121,25 @@ def run_one(binary, env, model, protocol, url, mode, levels, inputs_json, args, 
               f"p50 {row['p50_ms']:8.1f} ms  p95 {row['p95_ms']:8.1f} ms")
         out_csv.unlink()
     return rows
+
+
+def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """Earlier rows (read back from CSV) with the points measured now replacing theirs."""
+    def key(r):
+        return r["model"], r["protocol"], r["mode"], float(r["level"])
+
+    def typed(r):
+        out = {k: v for k, v in r.items() if k != "machine"}
+        out["ok"] = str(out["ok"]) == "True"
+        out["level"] = float(out["level"]) if out["mode"] == "request_rate" else int(float(out["level"]))
+        for k in ("throughput_per_s", "p50_ms", "p95_ms", "p99_ms"):
+            if out.get(k) not in (None, ""):
+                out[k] = float(out[k])
+        return out
+
+    replaced = {key(r) for r in new}
+    merged = [typed(r) for r in old if key(r) not in replaced] + new
+    return sorted(merged, key=lambda r: (r["model"], r["protocol"], r["mode"], float(r["level"])))
 
 
 def plot(rows: list[dict], out_dir: Path, desc: str) -> list[Path]:
@@ -139,6 +162,7 @@ def plot(rows: list[dict], out_dir: Path, desc: str) -> list[Path]:
             ax_l.plot(xs, [r["p95_ms"] for r in pts], marker="o", label=label)
         for ax, label in ((ax_t, "throughput (requests/s)"), (ax_l, "p95 latency (ms)")):
             ax.set_xscale("log", base=2)
+            ax.set_ylim(bottom=0)
             ax.set_xlabel("concurrency")
             ax.set_ylabel(label)
             ax.grid(True, alpha=0.3)
@@ -172,6 +196,8 @@ def main(argv=None) -> int:
                         help="response cache of the server this script starts; 0 (default) measures every "
                              "request's encoder work, otherwise repeated images are answered from the cache")
     parser.add_argument("--out-dir", default=str(RESULTS))
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of an earlier sweep.csv in --out-dir, replacing the points measured now")
     args = parser.parse_args(argv)
 
     binary, env = perf_analyzer()
@@ -206,6 +232,8 @@ def main(argv=None) -> int:
         if proc is not None:
             server.stop(proc)
 
+    if args.merge and (out_dir / "sweep.csv").exists():
+        rows = merge_rows(list(csv.DictReader(open(out_dir / "sweep.csv"))), rows)
     fields = ["machine", "model", "protocol", "outputs", "mode", "level", "ok", "throughput_per_s", "p50_ms", "p95_ms", "p99_ms"]
     with open(out_dir / "sweep.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)

@@ -29,24 +29,33 @@ def cmd_models(args) -> int:
     return 0
 
 
+def serving_options(args):
+    """The repository's serving knobs from `samtriton build`'s arguments."""
+    from samtriton.build.configs import ServingOptions
+    from samtriton.serving.preprocessing import Limits
+
+    return ServingOptions(
+        encoder_max_batch_size=args.encoder_max_batch_size,
+        encoder_queue_delay_us=args.encoder_queue_delay_us,
+        encoder_preferred_batch_sizes=tuple(args.encoder_preferred_batch_sizes),
+        decoder_max_batch_size=args.decoder_max_batch_size,
+        decoder_queue_delay_us=args.decoder_queue_delay_us,
+        intra_op_threads=args.intra_op_threads,
+        limits=Limits(max_image_bytes=args.max_image_bytes, max_pixels=args.max_pixels, max_boxes=args.max_boxes),
+    )
+
+
 def cmd_build(args) -> int:
     from samtriton.build.checkpoint import CheckpointError
-    from samtriton.build.configs import ServingOptions
     from samtriton.build.registry import UnknownModelError, get_variant
     from samtriton.build.repository import build_repository
-    from samtriton.serving.preprocessing import Limits
 
     try:
         variant = get_variant(args.model)
     except UnknownModelError as e:
         print(f"samtriton build: {e}", file=sys.stderr)
         return 2
-    options = ServingOptions(
-        encoder_max_batch_size=args.encoder_max_batch_size,
-        encoder_queue_delay_us=args.encoder_queue_delay_us,
-        intra_op_threads=args.intra_op_threads,
-        limits=Limits(max_image_bytes=args.max_image_bytes, max_pixels=args.max_pixels, max_boxes=args.max_boxes),
-    )
+    options = serving_options(args)
     try:
         build_repository(
             variant,
@@ -224,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="model repository directory to write")
     p.add_argument("--encoder-max-batch-size", type=int, default=defaults.encoder_max_batch_size)
     p.add_argument("--encoder-queue-delay-us", type=int, default=defaults.encoder_queue_delay_us)
+    p.add_argument("--encoder-preferred-batch-sizes", type=int, nargs="*",
+                   default=list(defaults.encoder_preferred_batch_sizes), metavar="N")
+    p.add_argument("--decoder-max-batch-size", type=int, default=defaults.decoder_max_batch_size,
+                   help="requests per decoder call (ragged batching)")
+    p.add_argument("--decoder-queue-delay-us", type=int, default=defaults.decoder_queue_delay_us)
     p.add_argument("--intra-op-threads", type=int, default=defaults.intra_op_threads,
                    help="ONNX Runtime threads per model instance (0: all cores)")
     p.add_argument("--max-image-bytes", type=int, default=defaults.limits.max_image_bytes)

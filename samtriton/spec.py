@@ -5,15 +5,14 @@ python models look their tensor names up here, and the SDK builds requests from
 it, so a renamed tensor cannot drift between the pieces.
 
 Shapes are Triton `dims`: without the batch dimension for models whose
-`max_batch_size` is > 0, full shapes otherwise.  Only numpy is imported here:
-the serving path must stay free of torch.
+`max_batch_size` is > 0, full shapes otherwise.  Nothing heavy is imported
+here: the serving path must stay free of torch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 
 ENSEMBLE = "sam"
 ENCODE_ENSEMBLE = "sam_encode"  # preprocess + encoder only: warms the embedding cache
@@ -22,14 +21,7 @@ IMAGE_ENCODER = "image_encoder"
 MASK_DECODER = "mask_decoder"
 POSTPROCESS = "postprocess"
 
-# Triton data type name -> numpy dtype (BYTES tensors travel as object arrays).
-NUMPY_DTYPES = {
-    "TYPE_FP32": np.float32,
-    "TYPE_INT32": np.int32,
-    "TYPE_UINT8": np.uint8,
-    "TYPE_STRING": np.object_,
-}
-# The same types as the KServe v2 protocol names them on the wire.
+# Triton's data types as the KServe v2 protocol names them on the wire.
 WIRE_DTYPES = {"TYPE_FP32": "FP32", "TYPE_INT32": "INT32", "TYPE_UINT8": "UINT8", "TYPE_STRING": "BYTES"}
 
 # SAM-family mask decoders emit 256x256 low-resolution logits per prompt and
@@ -45,10 +37,6 @@ class TensorSpec:
     dims: tuple[int, ...]
     optional: bool = False
     allow_ragged_batch: bool = False
-
-    @property
-    def numpy_dtype(self):
-        return NUMPY_DTYPES[self.data_type]
 
     @property
     def wire_dtype(self) -> str:
