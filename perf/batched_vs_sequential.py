@@ -20,16 +20,14 @@ import asyncio
 import csv
 import io
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from latency import RESULTS, machine  # noqa: E402
+from latency import RESULTS, machine, median_ms  # noqa: E402
 
 from samtriton import server  # noqa: E402
 from samtriton.client import AsyncSamClient, SamClient  # noqa: E402
@@ -37,16 +35,6 @@ from samtriton.sample_image import sample_scene  # noqa: E402
 from samtriton.serving.pipeline import InProcessPipeline  # noqa: E402
 
 N_BOXES = 47
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - started) * 1000)
-    return statistics.median(times)
 
 
 def torch_decoder_rows(embedding: np.ndarray, model_boxes: np.ndarray, repeats: int) -> list[tuple]:

@@ -14,7 +14,7 @@ from samtriton.client.inputs import as_boxes, encode_image
 from samtriton.client.result import SegmentationResult
 
 
-class AsyncSamClient:
+class AsyncSamClient(proto.ClientSettings):
     """The asyncio twin of `SamClient`: same methods, awaited.
 
     >>> async with AsyncSamClient("localhost:8001") as client:
@@ -23,12 +23,7 @@ class AsyncSamClient:
 
     def __init__(self, url: str | None = None, protocol: str = "grpc", model_name: str = spec.ENSEMBLE,
                  encode_model_name: str = spec.ENCODE_ENSEMBLE, timeout_s: float = 300.0):
-        self.protocol = protocol
-        self.model_name = model_name
-        self.encode_model_name = encode_model_name
-        self.url = url or proto.DEFAULT_URLS[protocol]
-        self._module = proto.triton_module(protocol)
-        self._timeout_s = timeout_s
+        super().__init__(url, protocol, model_name, encode_model_name, timeout_s)
         if protocol == "grpc":
             import tritonclient.grpc.aio as aio
 
@@ -54,9 +49,9 @@ class AsyncSamClient:
             return False
 
     async def _infer(self, model_name, inputs, outputs, parameters=None):
-        kwargs = {"client_timeout": self._timeout_s} if self.protocol == "grpc" else {}
         try:
-            return await self._client.infer(model_name, inputs, outputs=outputs, parameters=parameters, **kwargs)
+            return await self._client.infer(model_name, inputs, outputs=outputs, parameters=parameters,
+                                            **self._infer_kwargs())
         except InferenceServerException as e:
             raise from_triton(e) from e
         except (ConnectionError, OSError) as e:

@@ -36,6 +36,22 @@ class EncodedImage:
     embeddings: np.ndarray | None = None
 
 
+class ClientSettings:
+    """What the sync and asyncio clients share: where, which models, how long to wait."""
+
+    def __init__(self, url: str | None = None, protocol: str = "grpc", model_name: str = spec.ENSEMBLE,
+                 encode_model_name: str = spec.ENCODE_ENSEMBLE, timeout_s: float = 300.0):
+        self.protocol = protocol
+        self.model_name = model_name
+        self.encode_model_name = encode_model_name
+        self.url = url or DEFAULT_URLS[protocol]
+        self._module = triton_module(protocol)
+        self._timeout_s = timeout_s
+
+    def _infer_kwargs(self) -> dict:
+        return {"client_timeout": self._timeout_s} if self.protocol == "grpc" else {}
+
+
 def triton_module(protocol: str):
     if protocol == "grpc":
         import tritonclient.grpc as module
