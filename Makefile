@@ -69,7 +69,7 @@ demo: repository
 test: setup
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-# Batched vs one-by-one, serving overhead, where the time goes (about 6 minutes on 2 CPU cores).
+# Batched vs one-by-one, serving overhead, where the time goes (about 5 minutes on 2 CPU cores).
 bench: repository
 	$(VENV)/bin/python perf/batched_vs_sequential.py --model-repository $(REPO_DIR)
 	$(VENV)/bin/python perf/serving_overhead.py --model-repository $(REPO_DIR)
