@@ -153,7 +153,8 @@ def test_serving_path_never_loads_torch(triton_server):
     # And inside the running server: no python stub has libtorch mapped.
     stubs = _children(triton_server.proc.pid)
     assert len(stubs) >= 4, "expected one python stub per model instance"
-    for pid in stubs:
-        maps = Path(f"/proc/{pid}/maps").read_text()
-        assert "onnxruntime" in maps or "libpython" in maps or "python" in maps
-        assert "libtorch" not in maps, f"stub {pid} loaded torch"
+    maps = {pid: Path(f"/proc/{pid}/maps").read_text() for pid in stubs}
+    # The encoder and decoder stubs run ONNX Runtime: proof that these maps show what a stub loaded.
+    assert sum("onnxruntime" in m for m in maps.values()) >= 2
+    for pid, m in maps.items():
+        assert "libtorch" not in m, f"stub {pid} loaded torch"

@@ -14,7 +14,7 @@ import numpy as np
 from samtriton import spec
 from samtriton.serving.onnx_runtime import decode, encode, make_session
 from samtriton.serving.postprocessing import masks_from_logits
-from samtriton.serving.preprocessing import Limits, Preprocessed, preprocess
+from samtriton.serving.preprocessing import PreprocessSettings, Preprocessed, preprocess
 
 
 def repository_parameters(repo: Path, model: str) -> dict[str, str]:
@@ -28,16 +28,14 @@ def repository_parameters(repo: Path, model: str) -> dict[str, str]:
 class InProcessPipeline:
     def __init__(self, model_repository: str | Path, intra_op_threads: int = 0):
         repo = Path(model_repository)
-        params = repository_parameters(repo, spec.PREPROCESS)
-        self.image_size = int(params["image_size"])
-        self.pixel_mean = [float(v) for v in params["pixel_mean"].split(",")]
-        self.pixel_std = [float(v) for v in params["pixel_std"].split(",")]
-        self.limits = Limits(int(params["max_image_bytes"]), int(params["max_pixels"]), int(params["max_boxes"]))
+        self.settings = PreprocessSettings.from_parameters(repository_parameters(repo, spec.PREPROCESS))
+        self.image_size = self.settings.image_size
         self.encoder = make_session(str(repo / spec.IMAGE_ENCODER / "1" / "model.onnx"), intra_op_threads)
         self.decoder = make_session(str(repo / spec.MASK_DECODER / "1" / "model.onnx"), intra_op_threads)
 
     def preprocess(self, image_bytes: bytes, boxes=None) -> Preprocessed:
-        return preprocess(image_bytes, boxes, self.image_size, self.pixel_mean, self.pixel_std, self.limits)
+        s = self.settings
+        return preprocess(image_bytes, boxes, s.image_size, s.pixel_mean, s.pixel_std, s.limits)
 
     def encode(self, pre: Preprocessed) -> np.ndarray:
         return encode(self.encoder, pre.pixel_values[np.newaxis])

@@ -41,5 +41,10 @@ def error_response(exc: BaseException, model_name: str):
     )
 
 
+def stack(arrays: list[np.ndarray]) -> np.ndarray:
+    """Concatenate along the batch axis, without copying when there is only one."""
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
+
+
 def tensor(name: str, array: np.ndarray):
     return pb_utils.Tensor(name, array)

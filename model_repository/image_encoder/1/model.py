@@ -5,12 +5,11 @@ images go through the encoder in one session call (the graph has a dynamic
 batch axis) and the embeddings are split back per request.
 """
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from samtriton import spec
 from samtriton.serving.onnx_runtime import encode
-from samtriton.serving.triton_helpers import error_response, input_array, onnx_session, tensor
+from samtriton.serving.triton_helpers import error_response, input_array, onnx_session, stack, tensor
 
 
 class TritonPythonModel:
@@ -20,7 +19,7 @@ class TritonPythonModel:
     def execute(self, requests):
         try:
             batches = [input_array(request, spec.PIXEL_VALUES_NAME) for request in requests]
-            embeddings = encode(self.session, np.concatenate(batches, axis=0))
+            embeddings = encode(self.session, stack(batches))
         except Exception as e:
             return [error_response(e, "image_encoder") for _ in requests]
         responses = []

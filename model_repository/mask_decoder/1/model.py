@@ -14,7 +14,14 @@ import triton_python_backend_utils as pb_utils
 from samtriton import spec
 from samtriton.serving.errors import InvalidInput
 from samtriton.serving.onnx_runtime import decode
-from samtriton.serving.triton_helpers import error_response, input_array, model_parameters, onnx_session, tensor
+from samtriton.serving.triton_helpers import (
+    error_response,
+    input_array,
+    model_parameters,
+    onnx_session,
+    stack,
+    tensor,
+)
 
 
 class TritonPythonModel:
@@ -58,9 +65,7 @@ class TritonPythonModel:
             members.append((i, images, per_image))
         if members:
             try:
-                low_res, iou = decode(
-                    self.session, np.concatenate(embeddings), np.concatenate(boxes), np.concatenate(index)
-                )
+                low_res, iou = decode(self.session, stack(embeddings), stack(boxes), stack(index))
             except Exception as e:
                 for i, _, _ in members:
                     responses[i] = error_response(e, "mask_decoder")

@@ -10,21 +10,13 @@ import triton_python_backend_utils as pb_utils
 from samtriton import spec
 from samtriton.serving.errors import InvalidInput
 from samtriton.serving.outputs import requested_outputs
-from samtriton.serving.preprocessing import Limits, preprocess
+from samtriton.serving.preprocessing import PreprocessSettings, preprocess
 from samtriton.serving.triton_helpers import error_response, input_array, model_parameters, tensor
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        params = model_parameters(args)
-        self.image_size = int(params["image_size"])
-        self.pixel_mean = [float(v) for v in params["pixel_mean"].split(",")]
-        self.pixel_std = [float(v) for v in params["pixel_std"].split(",")]
-        self.limits = Limits(
-            max_image_bytes=int(params["max_image_bytes"]),
-            max_pixels=int(params["max_pixels"]),
-            max_boxes=int(params["max_boxes"]),
-        )
+        self.settings = PreprocessSettings.from_parameters(model_parameters(args))
 
     def _one(self, request):
         # Fail a bad `outputs` parameter here, before the encoder spends seconds.
@@ -35,7 +27,8 @@ class TritonPythonModel:
         # Absent for `sam_encode` requests (the `sam` ensemble requires it).
         box_tensor = pb_utils.get_input_tensor_by_name(request, spec.BOXES.name)
         boxes = None if box_tensor is None else box_tensor.as_numpy()
-        out = preprocess(images[0], boxes, self.image_size, self.pixel_mean, self.pixel_std, self.limits)
+        s = self.settings
+        out = preprocess(images[0], boxes, s.image_size, s.pixel_mean, s.pixel_std, s.limits)
         return [
             tensor(spec.PIXEL_VALUES_NAME, out.pixel_values[np.newaxis]),
             tensor(spec.MODEL_BOXES_NAME, out.model_boxes[np.newaxis]),
