@@ -40,8 +40,11 @@ $(LOAD_VENV)/.setup-done: perf/requirements-load.txt
 	$(LOAD_VENV)/bin/pip install --quiet -r perf/requirements-load.txt
 	touch $@
 
-# Builds $(REPO_DIR) from $(SAM_CHECKPOINT), or from random weights when none is
-# given; rebuilt when the weights source or the project's code changes.
+# Builds $(REPO_DIR) with the variants in $(MODEL) (space-separated: several
+# side by side, the first answers as `sam`) from $(SAM_CHECKPOINT) (a path or
+# URL for a single model; `official` downloads and verifies the official
+# checkpoints), or from random weights when none is given; rebuilt when the
+# models, the weights source or the project's code change.
 repository: setup
 	@code=$$(find samtriton model_repository -name '*.py' -o -name '*.pbtxt' | LC_ALL=C sort | xargs cat | sha256sum | cut -c1-16); \
 	source="$${SAM_CHECKPOINT:-random} code=$$code"; \
@@ -51,8 +54,10 @@ repository: setup
 	    echo " No checkpoint given: building $(MODEL) with RANDOM WEIGHTS."; \
 	    echo " The masks will be meaningless. For real masks, download the"; \
 	    echo " official checkpoint and run:  make serve SAM_CHECKPOINT=/path/mobile_sam.pt"; \
+	    echo " (or SAM_CHECKPOINT=official to download and verify it)"; \
 	    echo "==================================================================="; \
 	    weights="--random-weights"; \
+	  elif [ "$(SAM_CHECKPOINT)" = official ]; then weights=""; \
 	  else weights="--checkpoint $(SAM_CHECKPOINT)"; fi; \
 	  rm -rf $(REPO_DIR) && \
 	  $(SAMTRITON) build --model $(MODEL) $$weights --out $(REPO_DIR) && \

@@ -43,12 +43,12 @@ def torch_decoder_rows(embedding: np.ndarray, model_boxes: np.ndarray, repeats: 
         import torch
 
         from samtriton.build.checkpoint import random_state_dict
-        from samtriton.build.registry import DEFAULT_MODEL, get_variant
+        from samtriton.build.registry import DEFAULT_MODEL, build_module, get_variant
     except ImportError:
         return []
     device = "cuda" if torch.cuda.is_available() else "cpu"
     variant = get_variant(DEFAULT_MODEL)
-    sam = variant.build_module()
+    sam = build_module(variant)
     sam.load_state_dict(random_state_dict(variant, 0))
     sam.eval().to(device)
     emb = torch.from_numpy(embedding).to(device)

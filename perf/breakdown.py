@@ -28,8 +28,11 @@ from serving_overhead import workload  # noqa: E402
 
 from samtriton import server, spec  # noqa: E402
 from samtriton.client import SamClient  # noqa: E402
+from samtriton.variants import DEFAULT_MODEL, get_variant  # noqa: E402
 
-STEPS = (spec.PREPROCESS, spec.IMAGE_ENCODER, spec.MASK_DECODER, spec.POSTPROCESS)
+# The default variant's steps, which `sam` (what SamClient calls by default) runs.
+_NAMES = spec.default_names(get_variant(DEFAULT_MODEL).slug)
+STEPS = (_NAMES.preprocess, _NAMES.image_encoder, _NAMES.mask_decoder, _NAMES.postprocess)
 
 
 def snapshot(url: str) -> dict[str, dict[str, int]]:

@@ -1,9 +1,11 @@
 """Encoder / decoder latency in-process (ONNX Runtime) and end to end through the served ensemble.
 
-    .venv/bin/python perf/latency.py --model-repository var/model_repository
+    .venv/bin/python perf/latency.py --model-repository var/model_repository [--model NAME] [--in-process-only]
 
 Prints medians (this kind of machine is shared and noisy) and writes
-perf/results/latency.csv with the machine's description.
+perf/results/latency.csv (latency_<model>.csv with --model) with the
+machine's description.  `--model` picks a variant of a repository holding
+several; the served rows then call that variant's ensemble.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ from pathlib import Path
 import numpy as np
 
 from samtriton import server, spec
-from samtriton.build.registry import DEFAULT_MODEL, get_variant
 from samtriton.client import SamClient
 from samtriton.sample_image import sample_scene
 from samtriton.serving.onnx_runtime import decode, encode, make_session
-from samtriton.serving.preprocessing import preprocess
+from samtriton.serving.pipeline import repository_parameters
+from samtriton.serving.preprocessing import PreprocessSettings, preprocess
+from samtriton.variants import get_variant
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -48,8 +51,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model-repository", default="var/model_repository")
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--model", help="variant to time (default: the repository's default, `sam`)")
+    parser.add_argument("--in-process-only", action="store_true", help="skip the served rows")
     args = parser.parse_args()
     repo = Path(args.model_repository)
+    variant = get_variant(args.model or repository_parameters(repo, spec.ENSEMBLE)["samtriton_model"])
+    names = spec.model_names(variant.slug)
 
     scene, boxes = sample_scene(1024, 683)
     image_bytes = __import__("io").BytesIO()
@@ -60,10 +67,9 @@ def main() -> None:
     extra = np.concatenate([corners, corners + rng.uniform(30, 120, size=(41, 2))], axis=1)
     many = np.concatenate([boxes, extra]).astype(np.float32)[:47]
 
-    variant = get_variant(DEFAULT_MODEL)
-    pre = preprocess(image_bytes, many, variant.image_size, variant.pixel_mean, variant.pixel_std)
-    enc = make_session(str(repo / spec.IMAGE_ENCODER / "1" / "model.onnx"))
-    dec = make_session(str(repo / spec.MASK_DECODER / "1" / "model.onnx"))
+    pre = preprocess(image_bytes, many, PreprocessSettings.for_variant(variant))
+    enc = make_session(str(repo / names.image_encoder / "1" / "model.onnx"))
+    dec = make_session(str(repo / names.mask_decoder / "1" / "model.onnx"))
     emb = encode(enc, pre.pixel_values[None])
     rows = [
         ("in-process", "encoder 1 image", median_ms(lambda: encode(enc, pre.pixel_values[None]), args.runs)),
@@ -73,29 +79,37 @@ def main() -> None:
             lambda: decode(dec, emb, pre.model_boxes, np.zeros(47, np.int32)), max(3, args.runs // 2))),
     ]
 
+    if not args.in_process_only:
+        rows.extend(served_rows(repo, variant, image_bytes, many, args.runs))
+
+    desc = machine()
+    print(f"machine: {desc}\nimage 1024x683 JPEG, {variant.name} (encoder input {variant.encoder_size}), "
+          "ONNX Runtime CPU fp32, medians")
+    for where, what, ms in rows:
+        print(f"  {where:<14} {what:<28} {ms:9.1f} ms")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    name = "latency.csv" if args.model is None else f"latency_{variant.slug}.csv"
+    with open(RESULTS / name, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["machine", "model", "where", "what", "median_ms"])
+        for where, what, ms in rows:
+            w.writerow([desc, variant.name, where, what, f"{ms:.1f}"])
+
+
+def served_rows(repo: Path, variant, image_bytes: bytes, many: np.ndarray, runs: int) -> list[tuple]:
     http, grpc, metrics = server.free_ports(3)
     proc = server.start(server.ServerOptions(repo, http, grpc, metrics),
                         stdout=open(os.devnull, "wb"), stderr=open(os.devnull, "wb"))
     try:
         server.wait_ready(proc, http)
-        with SamClient(f"127.0.0.1:{grpc}") as client:
-            rows.append(("served (gRPC)", "ensemble 1 box", median_ms(
-                lambda: client.segment(image_bytes, many[:1]), args.runs)))
-            rows.append(("served (gRPC)", "ensemble 47 boxes", median_ms(
-                lambda: client.segment(image_bytes, many), max(3, args.runs // 2))))
+        with SamClient(f"127.0.0.1:{grpc}", model=variant.name) as client:
+            return [
+                ("served (gRPC)", "ensemble 1 box", median_ms(lambda: client.segment(image_bytes, many[:1]), runs)),
+                ("served (gRPC)", "ensemble 47 boxes", median_ms(
+                    lambda: client.segment(image_bytes, many), max(3, runs // 2))),
+            ]
     finally:
         server.stop(proc)
-
-    desc = machine()
-    print(f"machine: {desc}\nimage 1024x683 JPEG, MobileSAM, ONNX Runtime CPU fp32, medians")
-    for where, what, ms in rows:
-        print(f"  {where:<14} {what:<28} {ms:9.1f} ms")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS / "latency.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["machine", "where", "what", "median_ms"])
-        for where, what, ms in rows:
-            w.writerow([desc, where, what, f"{ms:.1f}"])
 
 
 if __name__ == "__main__":

@@ -65,8 +65,8 @@ def main(argv=None) -> int:
     parser.add_argument("--boxes", type=int, default=5)
     args = parser.parse_args(argv)
     repo = Path(args.model_repository)
-    threads = int(repository_parameters(repo, "image_encoder").get("intra_op_threads", "0"))
-
+    pipe = InProcessPipeline(repo)  # the default variant, as `sam` serves it
+    threads = int(repository_parameters(repo, pipe.names.image_encoder).get("intra_op_threads", "0"))
     pipe = InProcessPipeline(repo, intra_op_threads=threads)
     pipe.segment(*workload(1, 99, args.boxes)[0])  # warm-up
     inproc_latency = latency_ms(pipe.segment, workload(args.requests, 100, args.boxes))

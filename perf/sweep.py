@@ -4,7 +4,7 @@
     .venv/bin/python perf/sweep.py --grpc-url host:8001 --http-url host:8000   # an existing server
 
 For each model (`sam` with real images and box sets from perf/pa_inputs.py;
-`image_encoder` and `mask_decoder` alone with random tensors) and protocol, it
+a variant's `<slug>_image_encoder` and `<slug>_mask_decoder` alone with zero tensors) and protocol, it
 runs the real perf_analyzer (the one tritonclient 2.51 ships) over the
 concurrency range, and over request rates if given, with `--percentile=95` and
 `-f` CSV; then writes perf/results/sweep.csv (machine named in every row) and
@@ -29,6 +29,7 @@ from pa_inputs import sam_requests  # noqa: E402
 
 from samtriton import server, spec  # noqa: E402
 from samtriton.serving.outputs import OUTPUTS_PARAMETER  # noqa: E402
+from samtriton.variants import DEFAULT_MODEL, get_variant  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -67,18 +68,19 @@ def sam_outputs(model: str, protocol: str) -> str:
     """What the server computes per `sam` request in this sweep.  perf_analyzer
     2.51 sends request parameters over gRPC only, so over HTTP the `outputs`
     parameter is missing and the server computes every output (dense masks too)."""
-    if model != spec.ENSEMBLE:
+    if spec.role_of(model) != spec.ENSEMBLE:
         return "-"
     return SAM_OUTPUTS if protocol == "grpc" else "all (scores,masks_rle,masks)"
 
 
 def model_args(model: str, protocol: str, inputs_json: Path) -> list[str]:
-    if model == spec.ENSEMBLE:
+    role = spec.role_of(model)
+    if role == spec.ENSEMBLE:
         params = ["--request-parameter", f"{OUTPUTS_PARAMETER}:{SAM_OUTPUTS}:string"] if protocol == "grpc" else []
         return ["--input-data", str(inputs_json), *params]
-    if model == spec.IMAGE_ENCODER:
+    if role == spec.IMAGE_ENCODER:
         return ["--input-data", "zero", "-b", "1"]  # "random" FP32 bytes include NaN/inf
-    if model == spec.MASK_DECODER:
+    if role == spec.MASK_DECODER:
         return ["--input-data", "zero", "-b", "1", "--shape", f"{spec.MODEL_BOXES_NAME}:5,4"]
     raise ValueError(f"no perf_analyzer settings for model {model!r}")
 
@@ -182,7 +184,9 @@ def main(argv=None) -> int:
                         help="start a server on this repository (ignored with --grpc-url/--http-url)")
     parser.add_argument("--grpc-url")
     parser.add_argument("--http-url")
-    parser.add_argument("--models", default=f"{spec.ENSEMBLE},{spec.IMAGE_ENCODER},{spec.MASK_DECODER}")
+    default_steps = spec.default_names(get_variant(DEFAULT_MODEL).slug)
+    parser.add_argument("--models", default=f"{spec.ENSEMBLE},{default_steps.image_encoder},{default_steps.mask_decoder}",
+                        help="Triton model names: any variant's ensemble (sam_<slug>), encoder or decoder")
     parser.add_argument("--protocols", default="grpc,http")
     parser.add_argument("--concurrency", default="1,2,4,8,16,32")
     parser.add_argument("--request-rates", default="", help="e.g. 0.5,1,2 (requests/s); empty: none")

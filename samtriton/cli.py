@@ -22,11 +22,36 @@ def _parse_box(text: str) -> list[float]:
 
 
 def cmd_models(args) -> int:
-    from samtriton.build.registry import MODEL_REGISTRY
+    from samtriton.variants import DEFAULT_MODEL, MODEL_REGISTRY
 
+    print(f"{'model':<22}{'input':>11}{'params':>10}  {'checkpoint':<24}{'sha256':<10}ensemble")
     for v in MODEL_REGISTRY.values():
-        print(f"{v.name:<12} input {v.image_size}x{v.image_size}  checkpoint {v.checkpoint_file:<16} {v.description}")
+        size = f"{v.encoder_size}x{v.encoder_size}"
+        pinned = "pinned" if v.checkpoint_sha256 else "-"
+        default = "  (default: also `sam`)" if v.name == DEFAULT_MODEL else ""
+        print(f"{v.name:<22}{size:>11}{v.parameters / 1e6:>9.1f}M  {v.checkpoint_file:<24}{pinned:<10}"
+              f"{v.ensemble}{default}")
     return 0
+
+
+def _per_model(values: list[str] | None, models: list[str], option: str) -> dict[str, str]:
+    """`--checkpoint` / `--checkpoint-sha256` values: `NAME=VALUE`, or plain values in --model order."""
+    values = values or []
+    named, plain = {}, []
+    for value in values:
+        name, sep, rest = value.partition("=")
+        if sep and name in models:
+            named[name] = rest
+        else:
+            plain.append(value)
+    if plain and named:
+        raise ValueError(f"{option}: use either NAME=VALUE for every value or none")
+    if plain:
+        if len(plain) != len(models):
+            raise ValueError(f"{option}: {len(plain)} values for {len(models)} models (one per --model, "
+                             "in the same order, or NAME=VALUE)")
+        return dict(zip(models, plain))
+    return named
 
 
 def serving_options(args):
@@ -47,35 +72,46 @@ def serving_options(args):
 
 def cmd_build(args) -> int:
     from samtriton.build.checkpoint import CheckpointError
-    from samtriton.build.registry import UnknownModelError, get_variant
-    from samtriton.build.repository import build_repository
+    from samtriton.build.download import CheckpointDownloadError, resolve_checkpoint
+    from samtriton.build.repository import ModelSource, ParityError, build_repository
+    from samtriton.variants import UnknownModelError, get_variant
 
+    def fail(message, code=1):
+        print(f"samtriton build: {message}", file=sys.stderr)
+        return code
+
+    models = list(dict.fromkeys(args.model))  # once each, in the order given
     try:
-        variant = get_variant(args.model)
-    except UnknownModelError as e:
-        print(f"samtriton build: {e}", file=sys.stderr)
-        return 2
-    options = serving_options(args)
+        variants = [get_variant(name) for name in models]
+        if args.default is not None:
+            get_variant(args.default)
+        checkpoints = _per_model(args.checkpoint, models, "--checkpoint")
+        sha256s = _per_model(args.checkpoint_sha256, models, "--checkpoint-sha256")
+    except (UnknownModelError, ValueError) as e:
+        return fail(e, 2)
+    if args.random_weights and (checkpoints or sha256s):
+        return fail("--random-weights excludes --checkpoint and --checkpoint-sha256", 2)
     try:
-        build_repository(
-            variant,
-            args.out,
-            checkpoint=None if args.random_weights else args.checkpoint,
-            random_seed=args.seed if args.random_weights else None,
-            options=options,
-        )
-    except (CheckpointError, FileNotFoundError) as e:
-        print(f"samtriton build: {e}", file=sys.stderr)
-        return 1
+        sources = []
+        for variant in variants:
+            if args.random_weights:
+                sources.append(ModelSource(variant, random_seed=args.seed))
+            else:
+                path = resolve_checkpoint(variant, checkpoints.get(variant.name), sha256s.get(variant.name))
+                sources.append(ModelSource(variant, checkpoint=path))
+        build_repository(sources, args.out, options=serving_options(args), default=args.default)
+    except (CheckpointError, CheckpointDownloadError, ParityError, FileNotFoundError, ValueError) as e:
+        return fail(e)
     return 0
 
 
 RANDOM_WEIGHTS_BANNER = """\
 ======================================================================
- This repository was built from RANDOM WEIGHTS: the masks are
- meaningless. For real masks, get the official MobileSAM checkpoint
- (mobile_sam.pt) and rebuild:  make serve SAM_CHECKPOINT=/path/mobile_sam.pt
- (or: samtriton build --checkpoint /path/mobile_sam.pt --out DIR)
+ This repository was built from RANDOM WEIGHTS ({models}): the masks
+ are meaningless. For real masks, rebuild from the official checkpoints:
+   samtriton build --model NAME --out DIR   (downloads and verifies it)
+   samtriton build --model NAME --checkpoint /path/file.pt --out DIR
+ or: make serve SAM_CHECKPOINT=/path/mobile_sam.pt
 ======================================================================"""
 
 
@@ -83,15 +119,27 @@ def _check_repository(repo: Path, command: str) -> bool:
     """Is `repo` a built samtriton repository? Warns loudly if it holds random weights."""
     from samtriton.build.configs import parse_pbtxt
 
-    config = repo / "sam" / "config.pbtxt"
-    if not config.exists():
+    if not (repo / "sam" / "config.pbtxt").exists():
         print(f"samtriton {command}: {repo} is not a samtriton model repository (run `samtriton build` first)",
               file=sys.stderr)
         return False
-    params = parse_pbtxt(config.read_text()).parameters
-    if params["random_weights"].string_value == "true":
-        print(RANDOM_WEIGHTS_BANNER, file=sys.stderr)
+    random_models = set()
+    for config in repo.glob("*/config.pbtxt"):
+        params = parse_pbtxt(config.read_text()).parameters
+        if params["random_weights"].string_value == "true":
+            random_models.add(params["samtriton_model"].string_value)
+    if random_models:
+        print(RANDOM_WEIGHTS_BANNER.format(models=", ".join(sorted(random_models))), file=sys.stderr)
     return True
+
+
+def _ensemble_name(args) -> str:
+    """`--model NAME` (a variant) or `--model-name` (a Triton ensemble) -> the ensemble to call."""
+    if args.model is not None:
+        from samtriton.variants import get_variant
+
+        return get_variant(args.model).ensemble
+    return args.model_name
 
 
 def cmd_serve(args) -> int:
@@ -149,11 +197,18 @@ def cmd_segment(args) -> int:
     from samtriton.client import SamClient, SamTritonError
     from samtriton.client.overlay import draw_overlay
 
+    from samtriton.variants import UnknownModelError
+
     if not args.box:
         print("samtriton segment: give at least one --box x0,y0,x1,y1", file=sys.stderr)
         return 2
     try:
-        with SamClient(args.url, protocol=args.protocol, model_name=args.model_name) as client:
+        model_name = _ensemble_name(args)
+    except UnknownModelError as e:
+        print(f"samtriton segment: {e}", file=sys.stderr)
+        return 2
+    try:
+        with SamClient(args.url, protocol=args.protocol, model_name=model_name) as client:
             started = time.perf_counter()
             result = client.segment(args.image, args.box)
             elapsed = time.perf_counter() - started
@@ -194,7 +249,7 @@ def cmd_demo(args) -> int:
                             stdout=log, stderr=log)
         try:
             server.wait_ready(proc, http)
-            with SamClient(f"localhost:{grpc}", protocol="grpc") as client:
+            with SamClient(f"localhost:{grpc}", protocol="grpc", model=args.model) as client:
                 started = time.perf_counter()
                 result = client.segment(image_path, boxes)
                 elapsed = time.perf_counter() - started
@@ -224,11 +279,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("build", help="export ONNX and write a Triton model repository (CPU target)")
-    p.add_argument("--model", default="mobilesam", help="model variant (see `samtriton models`)")
-    weights = p.add_mutually_exclusive_group(required=True)
-    weights.add_argument("--checkpoint", help="official checkpoint file, e.g. mobile_sam.pt")
-    weights.add_argument("--random-weights", action="store_true",
-                         help="random weights in the official layout: for tests, masks are meaningless")
+    p.add_argument("--model", nargs="+", default=["mobilesam"], metavar="NAME",
+                   help="model variants to put in the repository, side by side (see `samtriton models`)")
+    p.add_argument("--default", metavar="NAME",
+                   help="the variant that also answers as `sam` / `sam_encode` (default: the first --model)")
+    p.add_argument("--checkpoint", action="append", metavar="PATH|URL",
+                   help="official checkpoint file or URL; one per --model in order, or NAME=PATH|URL. "
+                        "Without it the official URL is downloaded, verified by sha256 and cached "
+                        "under $XDG_CACHE_HOME/samtriton")
+    p.add_argument("--checkpoint-sha256", action="append", metavar="HEX",
+                   help="expected sha256 of the checkpoint (same forms as --checkpoint)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="random weights in the official layout: for tests, masks are meaningless")
     p.add_argument("--seed", type=int, default=0, help="seed of --random-weights")
     p.add_argument("--out", required=True, help="model repository directory to write")
     p.add_argument("--encoder-max-batch-size", type=int, default=defaults.encoder_max_batch_size)
@@ -261,7 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a box in original pixels; repeat for more")
     p.add_argument("--url", default=None, help="server address (default localhost:8001 for gRPC, :8000 for HTTP)")
     p.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
-    p.add_argument("--model-name", default="sam")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--model", help="model variant, e.g. efficientvit-sam-l0 (default: the repository's default)")
+    which.add_argument("--model-name", default="sam", help="Triton ensemble name, e.g. sam_efficientvit_l0")
     p.add_argument("--overlay", help="write a PNG with the masks and boxes drawn over the image")
     p.add_argument("--json", help="write the masks (COCO RLE), scores and boxes as JSON")
     p.set_defaults(func=cmd_segment)
@@ -269,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="serve in the background, segment a sample scene, write an overlay")
     p.add_argument("--model-repository", required=True)
     p.add_argument("--overlay", default="var/demo_overlay.png")
+    p.add_argument("--model", help="model variant to call (default: the repository's default)")
     p.set_defaults(func=cmd_demo)
     return parser
 

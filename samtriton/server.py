@@ -150,10 +150,13 @@ def in_flight_from_stats(stats: dict) -> tuple[int, tuple[int, ...]]:
     middle step.  A request still inside preprocess is not counted; callers
     compare the counters over a short interval to see it.
     """
-    by_model = {m["name"]: m.get("inference_stats", {}) for m in stats.get("model_stats", [])}
+    by_role: dict[str, list[dict]] = {}
+    for m in stats.get("model_stats", []):
+        by_role.setdefault(spec.role_of(m["name"]), []).append(m.get("inference_stats", {}))
 
-    def count(model: str, kind: str) -> int:
-        return int(by_model.get(model, {}).get(kind, {}).get("count", 0))
+    def count(role: str, kind: str) -> int:
+        # Summed over the variants: a repository may hold several.
+        return sum(int(s.get(kind, {}).get("count", 0)) for s in by_role.get(role, []))
 
     entered = count(spec.PREPROCESS, "success")
     finished = (

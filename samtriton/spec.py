@@ -14,12 +14,65 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+# Roles of the models in a repository.  Each model variant gets its own
+# preprocess, encoder, decoder and ensembles, named after its slug
+# (`model_names`); the postprocess has no weights and is shared.  The
+# ensembles named `sam` and `sam_encode` are aliases of the default variant's.
 ENSEMBLE = "sam"
-ENCODE_ENSEMBLE = "sam_encode"  # preprocess + encoder only: warms the embedding cache
+ENCODE_ENSEMBLE = "sam_encode"  # preprocess + encoder only: returns the embedding
 PREPROCESS = "preprocess"
 IMAGE_ENCODER = "image_encoder"
 MASK_DECODER = "mask_decoder"
 POSTPROCESS = "postprocess"
+ROLES = (ENSEMBLE, ENCODE_ENSEMBLE, PREPROCESS, IMAGE_ENCODER, MASK_DECODER, POSTPROCESS)
+
+
+@dataclass(frozen=True)
+class ModelNames:
+    """The Triton model names of one variant, by role."""
+
+    ensemble: str
+    encode_ensemble: str
+    preprocess: str
+    image_encoder: str
+    mask_decoder: str
+    postprocess: str
+
+    def of(self, role: str) -> str:
+        field = {ENSEMBLE: "ensemble", ENCODE_ENSEMBLE: "encode_ensemble"}.get(role, role)
+        return getattr(self, field)
+
+
+def model_names(slug: str) -> ModelNames:
+    return ModelNames(
+        ensemble=f"{ENSEMBLE}_{slug}",
+        encode_ensemble=f"{ENCODE_ENSEMBLE}_{slug}",
+        preprocess=f"{slug}_{PREPROCESS}",
+        image_encoder=f"{slug}_{IMAGE_ENCODER}",
+        mask_decoder=f"{slug}_{MASK_DECODER}",
+        postprocess=POSTPROCESS,
+    )
+
+
+def default_names(slug: str) -> ModelNames:
+    """The aliases: `sam` / `sam_encode` over the default variant's steps."""
+    names = model_names(slug)
+    return ModelNames(ENSEMBLE, ENCODE_ENSEMBLE, names.preprocess, names.image_encoder, names.mask_decoder,
+                      POSTPROCESS)
+
+
+def role_of(model_name: str) -> str | None:
+    """The role of a model name written by `samtriton build` (None if none)."""
+    if model_name == ENCODE_ENSEMBLE or model_name.startswith(ENCODE_ENSEMBLE + "_"):
+        return ENCODE_ENSEMBLE
+    if model_name == POSTPROCESS:
+        return POSTPROCESS
+    for role in (PREPROCESS, IMAGE_ENCODER, MASK_DECODER):
+        if model_name.endswith("_" + role):
+            return role
+    if model_name == ENSEMBLE or model_name.startswith(ENSEMBLE + "_"):
+        return ENSEMBLE
+    return None
 
 # Triton's data types as the KServe v2 protocol names them on the wire.
 WIRE_DTYPES = {"TYPE_FP32": "FP32", "TYPE_INT32": "INT32", "TYPE_UINT8": "UINT8", "TYPE_STRING": "BYTES"}
@@ -28,6 +81,10 @@ WIRE_DTYPES = {"TYPE_FP32": "FP32", "TYPE_INT32": "INT32", "TYPE_UINT8": "UINT8"
 # take 256-channel 64x64 image embeddings, whatever the encoder's input size.
 EMBEDDING_SHAPE = (256, 64, 64)
 LOW_RES_MASK_SIZE = 256
+# Their prompt encoder takes boxes in a frame whose longest side is 1024, and
+# the logits are upsampled to that frame before the padding is cropped, for
+# every variant (EfficientViT-SAM L0-L2 encode a 512 image nonetheless).
+PROMPT_SIZE = 1024
 
 
 @dataclass(frozen=True)
@@ -53,8 +110,9 @@ MASKS_RLE = TensorSpec("masks_rle", "TYPE_STRING", (-1,))
 MASKS = TensorSpec("masks", "TYPE_UINT8", (-1, -1, -1))
 
 # --- internal tensors between the steps --------------------------------------
-# original (h, w) then resized-before-padding (h, w): what the postprocess needs
-# to undo the resize, as the upstream predictor's original_size / input_size.
+# original (h, w) then resized-before-padding (h, w) in the prompt frame: what
+# the postprocess needs to undo the resize, as the upstream predictor's
+# original_size / input_size.
 IMAGE_GEOMETRY = TensorSpec("image_geometry", "TYPE_INT32", (4,))
 # The decoder batches requests with different box counts (Triton ragged
 # batching): per request it sees [1, n, ...]; the other steps see the same
@@ -92,8 +150,8 @@ class ModelIO:
     outputs: tuple[TensorSpec, ...]
 
 
-def model_io(image_size: int) -> dict[str, ModelIO]:
-    """Inputs and outputs of every model in the repository, for one encoder size.
+def model_io(encoder_size: int) -> dict[str, ModelIO]:
+    """Inputs and outputs of every model role, for one encoder input size.
 
     The image encoder and mask decoder batch across requests (max_batch_size
     > 0, dims without the batch axis); the other steps see one request's full
@@ -107,10 +165,10 @@ def model_io(image_size: int) -> dict[str, ModelIO]:
         ),
         PREPROCESS: ModelIO(
             inputs=(IMAGE, BOXES_OPTIONAL),
-            outputs=(pixel_values(image_size, batched=False), MODEL_BOXES, IMAGE_GEOMETRY),
+            outputs=(pixel_values(encoder_size, batched=False), MODEL_BOXES, IMAGE_GEOMETRY),
         ),
         IMAGE_ENCODER: ModelIO(
-            inputs=(pixel_values(image_size, batched=True),),
+            inputs=(pixel_values(encoder_size, batched=True),),
             outputs=(image_embeddings(batched=True),),
         ),
         MASK_DECODER: ModelIO(
@@ -124,20 +182,20 @@ def model_io(image_size: int) -> dict[str, ModelIO]:
     }
 
 
-# The ensembles' wiring: for each step, model input -> ensemble tensor and
-# model output -> ensemble tensor.  Internal tensors keep their own names.
-def ensemble_steps(ensemble: str, image_size: int) -> list[tuple[str, dict[str, str], dict[str, str]]]:
-    io = model_io(image_size)
-    if ensemble == ENSEMBLE:
+# The ensembles' wiring: for each step, model name, model input -> ensemble
+# tensor and model output -> ensemble tensor.  Tensors keep their own names.
+def ensemble_steps(role: str, names: ModelNames, encoder_size: int) -> list[tuple[str, dict[str, str], dict[str, str]]]:
+    io = model_io(encoder_size)
+    if role == ENSEMBLE:
         return [
-            (m, {t.name: t.name for t in io[m].inputs}, {t.name: t.name for t in io[m].outputs})
-            for m in (PREPROCESS, IMAGE_ENCODER, MASK_DECODER, POSTPROCESS)
+            (names.of(r), {t.name: t.name for t in io[r].inputs}, {t.name: t.name for t in io[r].outputs})
+            for r in (PREPROCESS, IMAGE_ENCODER, MASK_DECODER, POSTPROCESS)
         ]
-    if ensemble == ENCODE_ENSEMBLE:
+    if role == ENCODE_ENSEMBLE:
         return [
-            (PREPROCESS, {IMAGE.name: IMAGE.name},
+            (names.preprocess, {IMAGE.name: IMAGE.name},
              {PIXEL_VALUES_NAME: PIXEL_VALUES_NAME, IMAGE_GEOMETRY.name: IMAGE_GEOMETRY.name}),
-            (IMAGE_ENCODER, {PIXEL_VALUES_NAME: PIXEL_VALUES_NAME},
+            (names.image_encoder, {PIXEL_VALUES_NAME: PIXEL_VALUES_NAME},
              {IMAGE_EMBEDDINGS_NAME: IMAGE_EMBEDDINGS_NAME}),
         ]
-    raise KeyError(ensemble)
+    raise KeyError(role)

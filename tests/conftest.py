@@ -17,24 +17,39 @@ ROOT = Path(__file__).resolve().parents[1]
 # The installed console script, as users run it.
 SAMTRITON = [str(Path(sys.executable).parent / "samtriton")]
 CHECKPOINT_SEED = 0
+# The variants the test server holds side by side (mobilesam is the default,
+# `sam`); the served-vs-upstream fidelity tests run on each.
+SERVED_MODELS = ("mobilesam", "efficientvit-sam-l0", "sam-vit-b")
 
 
 @pytest.fixture(scope="session")
-def random_checkpoint(tmp_path_factory) -> Path:
+def random_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Random-weight checkpoints in each served variant's official layout and file name."""
     from samtriton.build.checkpoint import write_random_checkpoint
-    from samtriton.build.registry import get_variant
+    from samtriton.variants import get_variant
 
-    path = tmp_path_factory.mktemp("checkpoint") / "mobile_sam.pt"
-    return write_random_checkpoint(get_variant("mobilesam"), path, seed=CHECKPOINT_SEED)
+    folder = tmp_path_factory.mktemp("checkpoints")
+    return {
+        name: write_random_checkpoint(get_variant(name), folder / get_variant(name).checkpoint_file,
+                                      seed=CHECKPOINT_SEED)
+        for name in SERVED_MODELS
+    }
 
 
 @pytest.fixture(scope="session")
-def built_repository(tmp_path_factory, random_checkpoint) -> tuple[Path, str]:
-    """`samtriton build --checkpoint` on the random checkpoint; returns (dir, build output)."""
+def random_checkpoint(random_checkpoints) -> Path:
+    return random_checkpoints["mobilesam"]
+
+
+@pytest.fixture(scope="session")
+def built_repository(tmp_path_factory, random_checkpoints) -> tuple[Path, str]:
+    """`samtriton build --model ... --checkpoint NAME=PATH ...` for every served variant;
+    returns (dir, build output)."""
     out = tmp_path_factory.mktemp("repo") / "model_repository"
+    checkpoints = [f"--checkpoint={name}={path}" for name, path in random_checkpoints.items()]
     proc = subprocess.run(
-        [*SAMTRITON, "build", "--model", "mobilesam", "--checkpoint", str(random_checkpoint), "--out", str(out)],
-        capture_output=True, text=True, timeout=900,
+        [*SAMTRITON, "build", "--model", *SERVED_MODELS, *checkpoints, "--out", str(out)],
+        capture_output=True, text=True, timeout=1800,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out, proc.stdout + proc.stderr
@@ -82,14 +97,61 @@ def triton_server(built_repository, tmp_path_factory):
     server.stop(proc)
 
 
-@pytest.fixture(scope="session")
-def reference_predictor(random_checkpoint):
-    """The upstream MobileSAM predictor on the same checkpoint (in-process PyTorch)."""
-    from mobile_sam import SamPredictor, sam_model_registry
+class UpstreamPredictor:
+    """A variant's own upstream predictor (in-process PyTorch), loaded the upstream way."""
 
-    sam = sam_model_registry["vit_t"](checkpoint=str(random_checkpoint))
-    sam.eval()  # after loading, as upstream's README does: TinyViT caches attention biases on eval()
-    return SamPredictor(sam)
+    def __init__(self, model: str, checkpoint: Path):
+        if model == "mobilesam":
+            from mobile_sam import SamPredictor, sam_model_registry
+
+            sam = sam_model_registry["vit_t"](checkpoint=str(checkpoint))
+            sam.eval()  # after loading, as upstream's README does: TinyViT caches attention biases on eval()
+            self.predictor = SamPredictor(sam)
+        elif model.startswith("efficientvit-sam-"):
+            from efficientsam.models.efficientvit.sam import EfficientViTSamPredictor
+            from efficientsam.sam_model_zoo import create_efficientvit_sam_model
+
+            sam = create_efficientvit_sam_model(model, pretrained=True, weight_url=str(checkpoint)).eval()
+            self.predictor = EfficientViTSamPredictor(sam)
+        elif model == "sam-vit-b":
+            from segment_anything import SamPredictor, sam_model_registry
+
+            self.predictor = SamPredictor(sam_model_registry["vit_b"](checkpoint=str(checkpoint)).eval())
+        else:
+            raise KeyError(model)
+        self._image_key = None
+
+    def predict(self, image_bytes: bytes, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(masks (N, H, W) bool, scores (N,)) for single-mask box prompts."""
+        import torch
+        from PIL import ImageOps
+
+        rgb = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(image_bytes))).convert("RGB"))
+        if self._image_key != image_bytes:
+            self.predictor.set_image(rgb)
+            self._image_key = image_bytes
+        boxes_t = torch.from_numpy(boxes)
+        transform = self.predictor.transform
+        if type(self.predictor).__name__ == "EfficientViTSamPredictor":
+            boxes_t = transform.apply_boxes_torch(boxes_t)  # uses the sizes set_image recorded
+        else:
+            boxes_t = transform.apply_boxes_torch(boxes_t, rgb.shape[:2])
+        with torch.no_grad():
+            masks, iou, _ = self.predictor.predict_torch(None, None, boxes=boxes_t, multimask_output=False)
+        return masks[:, 0].numpy(), iou[:, 0].numpy()
+
+
+@pytest.fixture(scope="session")
+def upstream_predictors(random_checkpoints):
+    """model name -> UpstreamPredictor on the served checkpoint, built on first use."""
+    cache: dict[str, UpstreamPredictor] = {}
+
+    def get(model: str) -> UpstreamPredictor:
+        if model not in cache:
+            cache[model] = UpstreamPredictor(model, random_checkpoints[model])
+        return cache[model]
+
+    return get
 
 
 def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:

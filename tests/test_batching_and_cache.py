@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 
+from samtriton import spec
 from samtriton.client import AsyncSamClient, InvalidInputError, SamClient
 from samtriton.client.errors import from_triton
 from samtriton.sample_image import sample_scene
@@ -17,6 +18,10 @@ from samtriton.serving.pipeline import InProcessPipeline
 from tests.conftest import encode, mask_iou, random_boxes
 
 pytestmark = pytest.mark.integration
+
+# The default variant's steps (the test repository's `sam`).
+ENCODER = spec.model_names("mobilesam").image_encoder
+DECODER = spec.model_names("mobilesam").mask_decoder
 
 CONCURRENCY = 16
 
@@ -80,12 +85,12 @@ def _assert_same_as_alone(results, work, pipeline):
 
 def test_concurrent_clients_are_batched_and_get_their_own_masks(triton_server, pipeline):
     work = _workload(CONCURRENCY, seed=1000)
-    enc0, dec0 = _stats(triton_server, "image_encoder"), _stats(triton_server, "mask_decoder")
+    enc0, dec0 = _stats(triton_server, ENCODER), _stats(triton_server, DECODER)
     with SamClient(triton_server.grpc_url) as client:
         results = client.segment_many(work, concurrency=CONCURRENCY)
-    enc = _settled_delta(triton_server, "image_encoder", enc0, {"inference_count": CONCURRENCY})
-    dec = _settled_delta(triton_server, "mask_decoder", dec0, {"inference_count": CONCURRENCY})
-    print(f"\nimage_encoder: {enc}\nmask_decoder: {dec}")
+    enc = _settled_delta(triton_server, ENCODER, enc0, {"inference_count": CONCURRENCY})
+    dec = _settled_delta(triton_server, DECODER, dec0, {"inference_count": CONCURRENCY})
+    print(f"\n{ENCODER}: {enc}\n{DECODER}: {dec}")
     assert enc["inference_count"] == CONCURRENCY and enc["cache_miss"] == CONCURRENCY
     assert enc["execution_count"] < enc["inference_count"]  # several images per encoder call
     assert dec["inference_count"] == CONCURRENCY
@@ -99,7 +104,7 @@ def test_async_client_at_concurrency_16_hits_the_cache(triton_server, pipeline):
         for image, boxes in work:  # warm the cache, one image at a time
             client.segment(image, boxes)
     repeated = [(image, boxes[:1] + k) for k in range(4) for image, boxes in work]  # new boxes, same images
-    enc0 = _stats(triton_server, "image_encoder")
+    enc0 = _stats(triton_server, ENCODER)
 
     async def run(protocol):
         async with AsyncSamClient(triton_server.url(protocol), protocol=protocol) as client:
@@ -110,8 +115,8 @@ def test_async_client_at_concurrency_16_hits_the_cache(triton_server, pipeline):
         results = asyncio.run(run(protocol))
         assert len(results) == len(repeated)
         _assert_same_as_alone(results[:4], repeated[:4], pipeline)
-    enc = _settled_delta(triton_server, "image_encoder", enc0, {"cache_hit": 2 * len(repeated)})
-    print(f"\nimage_encoder over {2 * len(repeated)} cached requests: {enc}")
+    enc = _settled_delta(triton_server, ENCODER, enc0, {"cache_hit": 2 * len(repeated)})
+    print(f"\n{ENCODER} over {2 * len(repeated)} cached requests: {enc}")
     assert enc["cache_hit"] == 2 * len(repeated)
     assert enc["inference_count"] == 0 and enc["execution_count"] == 0
 
@@ -120,11 +125,11 @@ def test_encode_then_decode_runs_the_encoder_once(triton_server):
     scene, boxes = sample_scene(600, 400, seed=3000)
     image = encode(scene, "PNG")
     with SamClient(triton_server.grpc_url) as client:
-        before = _stats(triton_server, "image_encoder")
+        before = _stats(triton_server, ENCODER)
         encoded = client.encode(image)
         assert (encoded.height, encoded.width) == (400, 600) and encoded.embeddings is None
         results = [client.decode(encoded, boxes[i : i + 2]) for i in range(0, 6, 2)]
-        enc = _settled_delta(triton_server, "image_encoder", before, {"cache_hit": 3})
+        enc = _settled_delta(triton_server, ENCODER, before, {"cache_hit": 3})
         assert enc["inference_count"] == 1 and enc["cache_miss"] == 1 and enc["cache_hit"] == 3
         full = client.segment(image, boxes[:6])
         with_embedding = client.encode(image, return_embeddings=True)
@@ -149,7 +154,7 @@ def _decoder_request(server, embeddings, model_boxes):
         emb.set_data_from_numpy(embeddings)
         boxes = g.InferInput("model_boxes", list(model_boxes.shape), "FP32")
         boxes.set_data_from_numpy(model_boxes)
-        r = client.infer("mask_decoder", [emb, boxes])
+        r = client.infer(DECODER, [emb, boxes])
         return r.as_numpy("low_res_masks"), r.as_numpy("iou_predictions")
     finally:
         client.close()
@@ -174,7 +179,7 @@ def test_decoder_ragged_batch_with_a_bad_request_inside(triton_server, pipeline)
     bad = [(embeddings[1], nan_boxes), (embeddings[0], np.zeros((1, 0, 4), np.float32))]
     busy = (embeddings[1], random_boxes(rng, 47, 1024, 768)[None])  # occupies the decoder meanwhile
 
-    before = _stats(triton_server, "mask_decoder")
+    before = _stats(triton_server, DECODER)
     outcomes = {}
 
     def call(key, emb, boxes):
@@ -191,8 +196,8 @@ def test_decoder_ragged_batch_with_a_bad_request_inside(triton_server, pipeline)
         threads[-1].start()
     for t in threads:
         t.join(300)
-    dec = _settled_delta(triton_server, "mask_decoder", before, {"inference_count": 6})
-    print(f"\nmask_decoder: {dec}")
+    dec = _settled_delta(triton_server, DECODER, before, {"inference_count": 6})
+    print(f"\n{DECODER}: {dec}")
     # The busy request alone, then the five others (bad ones included) in one
     # execute() call.  (Triton counts a python model's per-request error
     # responses as successful executions.)

@@ -7,15 +7,35 @@ import torch
 
 from samtriton import spec
 from samtriton.build.checkpoint import CheckpointError, load_model, random_state_dict
-from samtriton.build.onnx_export import check_parity
-from samtriton.build.registry import UnknownModelError, get_variant
+from samtriton.build.export_wrappers import batch_agnostic
+from samtriton.build.onnx_export import check_parity, export_decoder, export_encoder
+from samtriton.build.registry import MODEL_REGISTRY, UnknownModelError, build_module, get_variant
 
 VARIANT = get_variant("mobilesam")
+ZOO = ["mobilesam", "efficientvit-sam-l0", "efficientvit-sam-l1", "efficientvit-sam-l2",
+       "efficientvit-sam-xl0", "efficientvit-sam-xl1", "sam-vit-b"]
 
 
 def test_unknown_model_lists_valid_names():
-    with pytest.raises(UnknownModelError, match="valid models: mobilesam"):
+    with pytest.raises(UnknownModelError) as info:
         get_variant("sam-vit-z")
+    assert str(info.value) == "unknown model 'sam-vit-z'; valid models: " + ", ".join(ZOO)
+    assert list(MODEL_REGISTRY) == ZOO
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_registry_matches_the_upstream_modules(name):
+    """Parameter count and encoder input size in the table are those of the
+    module the official checkpoint loads into."""
+    variant = get_variant(name)
+    module = build_module(variant)
+    assert sum(p.numel() for p in module.parameters()) == variant.parameters
+    assert tuple(module.prompt_encoder.input_image_size) == (spec.PROMPT_SIZE, spec.PROMPT_SIZE)
+    with torch.no_grad(), batch_agnostic(module):
+        if variant.encoder_size <= 512:  # cheap enough to run: the output grid must be 64x64
+            out = module.image_encoder(torch.zeros(1, 3, variant.encoder_size, variant.encoder_size))
+            assert tuple(out.shape) == (1, *spec.EMBEDDING_SHAPE)
+    assert variant.checkpoint_url.endswith("/" + variant.checkpoint_file)
 
 
 def test_random_checkpoint_has_official_layout():
@@ -71,20 +91,62 @@ def test_wrong_shape_and_garbage_checkpoints(tmp_path):
         load_model(VARIANT, tmp_path / "junk.pt")
 
 
-def test_onnx_matches_pytorch(built_repository, random_checkpoint):
+def test_checkpoint_of_another_variant_is_refused(random_checkpoints):
+    with pytest.raises(CheckpointError) as info:
+        load_model(get_variant("efficientvit-sam-l0"), random_checkpoints["mobilesam"])
+    msg = str(info.value)
+    assert "does not fit model 'efficientvit-sam-l0'" in msg
+    assert "missing keys: image_encoder.backbone." in msg and "unexpected keys: image_encoder." in msg
+
+
+def test_efficientvit_checkpoint_wrapped_as_published_loads(tmp_path):
+    """EfficientViT-SAM's own loader unwraps a `state_dict` key; ours does too,
+    and keeps the batch-norm statistics (randomised in test checkpoints)."""
+    variant = get_variant("efficientvit-sam-l0")
+    state = random_state_dict(variant, seed=5)
+    torch.save({"state_dict": state}, tmp_path / variant.checkpoint_file)
+    model = load_model(variant, tmp_path / variant.checkpoint_file)
+    key = next(k for k in state if k.endswith("running_var"))
+    assert torch.equal(model.state_dict()[key], state[key]) and not torch.all(state[key] == 1)
+
+
+def _served_report(built_repository, random_checkpoints, name):
     repo, build_output = built_repository
-    assert "max |onnx - torch|" in build_output  # the build prints its parity figures
-    sam = load_model(VARIANT, random_checkpoint)
-    report = check_parity(
-        sam,
-        VARIANT.image_size,
-        repo / spec.IMAGE_ENCODER / "1" / "model.onnx",
-        repo / spec.MASK_DECODER / "1" / "model.onnx",
-        seed=7,
+    names = spec.model_names(get_variant(name).slug)
+    sam = load_model(get_variant(name), random_checkpoints[name])
+    return build_output, check_parity(
+        sam, get_variant(name).encoder_size,
+        repo / names.image_encoder / "1" / "model.onnx", repo / names.mask_decoder / "1" / "model.onnx", seed=7,
     )
-    print("\n" + "\n".join(report.lines()))
-    # Encoder at batch 2 (a frozen batch size would fail to run or diverge),
-    # decoder with boxes of two images in one call.
-    assert report.encoder_max_abs_diff < 1e-3
-    assert report.decoder_mask_max_abs_diff < 1e-3
-    assert report.decoder_iou_max_abs_diff < 1e-4
+
+
+@pytest.mark.parametrize("name", ["mobilesam", "efficientvit-sam-l0"])
+def test_onnx_matches_pytorch(built_repository, random_checkpoints, name):
+    """The served repository's graphs vs the upstream modules: encoder at batch 2
+    (a frozen batch size would fail to run or diverge), decoder with boxes of
+    two images in one call.  (sam-vit-b's figures come from its build's own
+    check, printed in the build output: re-running its encoder here would
+    add a minute and a half.)"""
+    build_output, report = _served_report(built_repository, random_checkpoints, name)
+    assert f"[{name}] checking ONNX Runtime against PyTorch" in build_output
+    assert "[sam-vit-b] checking ONNX Runtime against PyTorch" in build_output
+    print(f"\n{name}\n" + "\n".join(report.lines()))
+    assert not report.problems(), report.problems()
+    assert report.encoder_max_abs_diff < 1e-4 and report.decoder_mask_min_iou >= 0.999
+
+
+# Module-level parity for the variants the test server does not hold: export
+# from a random checkpoint in the official layout, run ONNX Runtime against
+# the upstream PyTorch modules.  The XL encoders are heavy on 2 CPU cores
+# (about 5 and 7 s per 1024x1024 image), hence no served test for them.
+@pytest.mark.parametrize("name", ["efficientvit-sam-l1", "efficientvit-sam-l2",
+                                  "efficientvit-sam-xl0", "efficientvit-sam-xl1"])
+def test_module_level_parity(tmp_path, name):
+    variant = get_variant(name)
+    torch.save(random_state_dict(variant, seed=11), tmp_path / variant.checkpoint_file)
+    sam = load_model(variant, tmp_path / variant.checkpoint_file)
+    export_encoder(sam, variant.encoder_size, tmp_path / "encoder.onnx")
+    export_decoder(sam, tmp_path / "decoder.onnx")
+    report = check_parity(sam, variant.encoder_size, tmp_path / "encoder.onnx", tmp_path / "decoder.onnx")
+    print(f"\n{name}\n" + "\n".join(report.lines()))
+    assert not report.problems(), report.problems()

@@ -33,21 +33,61 @@ def test_build_with_random_weights_says_so_loudly(tmp_path):
     proc = _run(["build", "--model", "mobilesam", "--random-weights", "--seed", "3", "--out", str(out)], timeout=900)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("RANDOM WEIGHTS") >= 2  # before and after the build output
-    text = (out / "image_encoder" / "config.pbtxt").read_text()
+    text = (out / "mobilesam_image_encoder" / "config.pbtxt").read_text()
     assert "RANDOM WEIGHTS (seed 3)" in text and 'string_value: "true"' in text
-    for name in ("preprocess", "image_encoder", "mask_decoder", "postprocess"):
+    for name in ("mobilesam_preprocess", "mobilesam_image_encoder", "mobilesam_mask_decoder", "postprocess"):
         assert (out / name / "1" / "model.py").exists()
-    assert (out / "image_encoder" / "1" / "model.onnx").stat().st_size > 1_000_000
-    assert (out / "sam" / "1").is_dir()
+    assert (out / "mobilesam_image_encoder" / "1" / "model.onnx").stat().st_size > 1_000_000
+    for ensemble in ("sam", "sam_encode", "sam_mobilesam", "sam_encode_mobilesam"):
+        assert [p.name for p in (out / ensemble / "1").iterdir()] == [".gitkeep"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([
+        "sam", "sam_encode", "sam_mobilesam", "sam_encode_mobilesam", "mobilesam_preprocess",
+        "mobilesam_image_encoder", "mobilesam_mask_decoder", "postprocess"])
 
 
 def test_build_rejects_unknown_model_and_bad_checkpoint(tmp_path):
     proc = _run(["build", "--model", "sam-vit-q", "--random-weights", "--out", str(tmp_path / "x")])
-    assert proc.returncode == 2 and "valid models: mobilesam" in proc.stderr
+    assert proc.returncode == 2 and "valid models: mobilesam, efficientvit-sam-l0" in proc.stderr
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"\x00" * 100)
     proc = _run(["build", "--checkpoint", str(bad), "--out", str(tmp_path / "y")])
     assert proc.returncode == 1 and "cannot read checkpoint" in proc.stderr
+    assert not (tmp_path / "y").exists()  # nothing half-written
+    proc = _run(["build", "--model", "mobilesam", "sam-vit-b", "--checkpoint", str(bad), "--out", str(tmp_path / "z")])
+    assert proc.returncode == 2 and "1 values for 2 models" in proc.stderr
+    proc = _run(["build", "--model", "mobilesam", "--default", "sam-vit-b", "--random-weights",
+                 "--out", str(tmp_path / "w")])
+    assert proc.returncode == 1 and "default model 'sam-vit-b' is not among the models built" in proc.stderr
+
+
+def test_models_lists_the_zoo():
+    proc = _run(["models"])
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split()[0]: line for line in proc.stdout.splitlines()[1:]}
+    assert list(rows) == ["mobilesam", "efficientvit-sam-l0", "efficientvit-sam-l1", "efficientvit-sam-l2",
+                          "efficientvit-sam-xl0", "efficientvit-sam-xl1", "sam-vit-b"]
+    assert "512x512" in rows["efficientvit-sam-l0"] and "34.8M" in rows["efficientvit-sam-l0"]
+    assert "efficientvit_sam_l0.pt" in rows["efficientvit-sam-l0"]
+    assert "1024x1024" in rows["efficientvit-sam-xl1"] and "203.3M" in rows["efficientvit-sam-xl1"]
+    assert "sam_vit_b_01ec64.pth" in rows["sam-vit-b"] and "sam_vit_b" in rows["sam-vit-b"]
+    assert "(default: also `sam`)" in rows["mobilesam"]
+
+
+def test_segment_with_model_picks_the_variant(triton_server, tmp_path):
+    scene, boxes = sample_scene(320, 240, seed=8)
+    image = tmp_path / "scene.png"
+    scene.save(image)
+    out_json = tmp_path / "l0.json"
+    box_args = [arg for b in boxes[:2] for arg in ("--box", ",".join(f"{v:.1f}" for v in b))]
+    proc = _run(["segment", str(image), *box_args, "--url", triton_server.grpc_url,
+                 "--model", "efficientvit-sam-l0", "--json", str(out_json)])
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(out_json.read_text())
+    with SamClient(triton_server.grpc_url, model="efficientvit-sam-l0") as client:
+        direct = client.segment(str(image), np.round(boxes[:2], 1))
+    assert [round(m["score"], 5) for m in doc["masks"]] == [round(float(s), 5) for s in direct.scores]
+    proc = _run(["segment", str(image), *box_args, "--url", triton_server.grpc_url, "--model", "sam-vit-z"])
+    assert proc.returncode == 2 and "valid models:" in proc.stderr
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])

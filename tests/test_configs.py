@@ -9,11 +9,13 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from samtriton import spec
-from samtriton.build.configs import ServingOptions, model_configs, to_pbtxt
-from samtriton.build.registry import get_variant
-from samtriton.build.repository import MODEL_NAMES, MODEL_SOURCES, TEMPLATE_WEIGHTS, write_configs
+from samtriton.build.configs import ServingOptions, WeightsInfo, model_configs, to_pbtxt
+from samtriton.build.repository import MODEL_SOURCES, TEMPLATE_WEIGHTS, write_configs
+from samtriton.variants import MODEL_REGISTRY, get_variant
 
 VARIANT = get_variant("mobilesam")
+NAMES = spec.model_names(VARIANT.slug)
+ALL_VARIANTS = list(MODEL_REGISTRY.values())
 
 
 def _parse(path: Path) -> mc.ModelConfig:
@@ -21,7 +23,17 @@ def _parse(path: Path) -> mc.ModelConfig:
 
 
 def _generated():
-    return model_configs(VARIANT, TEMPLATE_WEIGHTS, ServingOptions())
+    return model_configs([VARIANT], {VARIANT.name: TEMPLATE_WEIGHTS}, ServingOptions())
+
+
+def _zoo(default=None):
+    """A repository holding every variant of the zoo."""
+    weights = {v.name: WeightsInfo(f"weights of {v.name}", random=False) for v in ALL_VARIANTS}
+    return model_configs(ALL_VARIANTS, weights, ServingOptions(), default=default)
+
+
+MODEL_NAMES = sorted(_generated())
+ZOO_ENSEMBLES = sorted(name for name, cfg in _zoo().items() if cfg.platform == "ensemble")
 
 
 def test_committed_configs_are_what_the_generator_writes():
@@ -45,7 +57,7 @@ def test_every_config_in_the_source_tree_parses():
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_config_tensors_match_spec(name):
     cfg = _generated()[name]
-    io = spec.model_io(VARIANT.image_size)[name]
+    io = spec.model_io(VARIANT.encoder_size)[spec.role_of(name)]
     got_in = [(t.name, mc.DataType.Name(t.data_type), tuple(t.dims), t.optional, t.allow_ragged_batch)
               for t in cfg.input]
     got_out = [(t.name, mc.DataType.Name(t.data_type), tuple(t.dims)) for t in cfg.output]
@@ -61,19 +73,19 @@ def test_triton_conventions():
     assert cfgs[spec.ENCODE_ENSEMBLE].platform == "ensemble"
     assert mc.DataType.Name(ens.input[0].data_type) == "TYPE_STRING"
     assert list(ens.input[1].dims) == [-1, 4]
-    for name in (spec.PREPROCESS, spec.POSTPROCESS, spec.IMAGE_ENCODER, spec.MASK_DECODER):
+    for name in (NAMES.preprocess, NAMES.postprocess, NAMES.image_encoder, NAMES.mask_decoder):
         assert cfgs[name].backend == "python"
         assert cfgs[name].instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
-    enc = cfgs[spec.IMAGE_ENCODER]
+    enc = cfgs[NAMES.image_encoder]
     assert enc.max_batch_size > 1 and enc.HasField("dynamic_batching")
 
 
-@pytest.mark.parametrize("ensemble", [spec.ENSEMBLE, spec.ENCODE_ENSEMBLE])
+@pytest.mark.parametrize("ensemble", ZOO_ENSEMBLES)
 def test_ensemble_wiring_is_closed(ensemble):
     """Each step's mapped inputs exist (ensemble input or an earlier step's output)
     with the same full shape, unmapped inputs are optional, and every ensemble
-    output is produced."""
-    cfgs = _generated()
+    output is produced; for every variant's ensembles and the aliases."""
+    cfgs = _zoo()
     ens = cfgs[ensemble]
 
     def full_dims(cfg, tensor):
@@ -104,24 +116,61 @@ def test_ensemble_wiring_is_closed(ensemble):
 
 def test_batching_and_cache_settings():
     cfgs = _generated()
-    dec = cfgs[spec.MASK_DECODER]
+    dec = cfgs[NAMES.mask_decoder]
     assert dec.max_batch_size > 1 and dec.HasField("dynamic_batching")
     ragged = {t.name: t.allow_ragged_batch for t in dec.input}
     assert ragged == {"image_embeddings": False, "model_boxes": True}
-    assert cfgs[spec.IMAGE_ENCODER].response_cache.enable
-    assert {t.name: t.optional for t in cfgs[spec.PREPROCESS].input} == {"image": False, "boxes": True}
+    assert cfgs[NAMES.image_encoder].response_cache.enable
+    assert {t.name: t.optional for t in cfgs[NAMES.preprocess].input} == {"image": False, "boxes": True}
     assert not any(t.optional for t in cfgs[spec.ENSEMBLE].input)
 
 
 def test_build_parameters_are_stated(tmp_path):
-    from samtriton.build.configs import WeightsInfo
-
     weights = WeightsInfo("RANDOM WEIGHTS (seed 3); masks are meaningless", random=True)
-    write_configs(tmp_path, VARIANT, weights, ServingOptions(encoder_max_batch_size=8))
+    write_configs(tmp_path, model_configs([VARIANT], {VARIANT.name: weights},
+                                          ServingOptions(encoder_max_batch_size=8)))
     for name in MODEL_NAMES:
         cfg = _parse(tmp_path / name / "config.pbtxt")
+        if name == spec.POSTPROCESS:  # shared, weightless: names the variants it serves
+            assert cfg.parameters["samtriton_models"].string_value == "mobilesam"
+            continue
         assert cfg.parameters["random_weights"].string_value == "true"
         assert "RANDOM WEIGHTS" in cfg.parameters["weights"].string_value
         assert cfg.parameters["samtriton_model"].string_value == "mobilesam"
-    assert _parse(tmp_path / spec.IMAGE_ENCODER / "config.pbtxt").max_batch_size == 8
+    assert _parse(tmp_path / NAMES.image_encoder / "config.pbtxt").max_batch_size == 8
     assert to_pbtxt(_parse(tmp_path / spec.ENSEMBLE / "config.pbtxt")).startswith('name: "sam"')
+
+
+def test_zoo_repository_names_and_frames():
+    """Every variant side by side: its own steps, the encoder input of its size,
+    one shared postprocess, and `sam` / `sam_encode` over the default's steps."""
+    cfgs = _zoo(default="efficientvit-sam-l0")
+    for v in ALL_VARIANTS:
+        names = spec.model_names(v.slug)
+        assert names.ensemble == v.ensemble and names.encode_ensemble == v.encode_ensemble
+        enc = cfgs[names.image_encoder]
+        assert list(enc.input[0].dims) == [3, v.encoder_size, v.encoder_size]
+        pre = cfgs[names.preprocess].parameters
+        assert pre["encoder_size"].string_value == str(v.encoder_size)
+        assert pre["prompt_size"].string_value == str(spec.PROMPT_SIZE)
+        steps = [s.model_name for s in cfgs[v.ensemble].ensemble_scheduling.step]
+        assert steps == [names.preprocess, names.image_encoder, names.mask_decoder, spec.POSTPROCESS]
+        for name in (v.ensemble, names.preprocess, names.image_encoder, names.mask_decoder):
+            assert cfgs[name].parameters["weights"].string_value == f"weights of {v.name}"
+    sizes = {v.name: v.encoder_size for v in ALL_VARIANTS}
+    assert sizes["efficientvit-sam-l0"] == sizes["efficientvit-sam-l2"] == 512
+    assert sizes["efficientvit-sam-xl1"] == sizes["sam-vit-b"] == sizes["mobilesam"] == 1024
+    alias = [s.model_name for s in cfgs[spec.ENSEMBLE].ensemble_scheduling.step]
+    assert alias == [s.model_name for s in cfgs["sam_efficientvit_l0"].ensemble_scheduling.step]
+    assert cfgs[spec.ENSEMBLE].parameters["samtriton_model"].string_value == "efficientvit-sam-l0"
+    assert [n for n in cfgs if spec.role_of(n) == spec.POSTPROCESS] == [spec.POSTPROCESS]
+    # Parsed back with Triton's schema, every config is what was generated.
+    for cfg in cfgs.values():
+        assert text_format.Parse(to_pbtxt(cfg), mc.ModelConfig()) == cfg
+
+
+def test_default_must_be_built_and_variants_unique():
+    with pytest.raises(KeyError):
+        model_configs([VARIANT], {VARIANT.name: TEMPLATE_WEIGHTS}, ServingOptions(), default="sam-vit-b")
+    with pytest.raises(ValueError, match="twice"):
+        model_configs([VARIANT, VARIANT], {VARIANT.name: TEMPLATE_WEIGHTS}, ServingOptions())

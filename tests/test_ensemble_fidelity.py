@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
-import torch
 from PIL import Image, ImageOps
 
 from samtriton.client import SamClient
@@ -43,41 +44,52 @@ def _images() -> dict[str, bytes]:
 
 
 IMAGES = _images()
-CASES = [(name, n) for name in IMAGES for n in ((1, 5, 47) if "webp" not in name else (5,))]
+# mobilesam (the default, `sam`): every image with 1, 5 and 47 boxes.
+# efficientvit-sam-l0 (512 encoder input, 1024 prompt frame): every image.
+# sam-vit-b: two images (its encoder takes ~14 s served + ~26 s upstream per
+# image on 2 CPU cores).
+CASES = (
+    [("mobilesam", name, n) for name in IMAGES for n in ((1, 5, 47) if "webp" not in name else (5,))]
+    + [("efficientvit-sam-l0", name, 5) for name in IMAGES]
+    + [("efficientvit-sam-l0", "landscape-jpeg-643x427", 47)]
+    + [("sam-vit-b", "landscape-jpeg-643x427", 5), ("sam-vit-b", "exif-rotated-jpeg", 3)]
+)
 
 
-def _reference(predictor, image_bytes: bytes, boxes: np.ndarray):
-    import io
-
-    rgb = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(image_bytes))).convert("RGB"))
-    if getattr(predictor, "_samtriton_key", None) != id(image_bytes):
-        predictor.set_image(rgb)
-        predictor._samtriton_key = id(image_bytes)
-    boxes_t = predictor.transform.apply_boxes_torch(torch.from_numpy(boxes), rgb.shape[:2])
-    with torch.no_grad():
-        masks, iou, _ = predictor.predict_torch(None, None, boxes=boxes_t, multimask_output=False)
-    return masks[:, 0].numpy(), iou[:, 0].numpy()
-
-
-@pytest.mark.parametrize("image_name,n_boxes", CASES, ids=[f"{n}-{b}boxes" for n, b in CASES])
-def test_served_masks_match_upstream_predictor(triton_server, reference_predictor, image_name, n_boxes):
+@pytest.mark.parametrize("model,image_name,n_boxes", CASES, ids=[f"{m}-{n}-{b}boxes" for m, n, b in CASES])
+def test_served_masks_match_upstream_predictor(triton_server, upstream_predictors, model, image_name, n_boxes):
     image_bytes = IMAGES[image_name]
-    width, height = ImageOps.exif_transpose(Image.open(__import__("io").BytesIO(image_bytes))).size
+    width, height = ImageOps.exif_transpose(Image.open(io.BytesIO(image_bytes))).size
     boxes = random_boxes(np.random.default_rng(n_boxes * 7 + len(image_name)), n_boxes, width, height)
 
-    with SamClient(triton_server.grpc_url, protocol="grpc") as client:
+    # The default variant through the `sam` alias, the others by name.
+    with SamClient(triton_server.grpc_url, protocol="grpc", model=None if model == "mobilesam" else model) as client:
         served = client.segment(image_bytes, boxes)
-    ref_masks, ref_scores = _reference(reference_predictor, image_bytes, boxes)
+    ref_masks, ref_scores = upstream_predictors(model).predict(image_bytes, boxes)
 
     assert served.masks.shape == ref_masks.shape == (n_boxes, height, width)
     ious = mask_iou(served.masks, ref_masks)
     score_diff = np.abs(served.scores - ref_scores).max()
-    print(f"\n{image_name} {n_boxes} boxes: mean IoU {ious.mean():.5f} min IoU {ious.min():.5f} "
+    print(f"\n{model} {image_name} {n_boxes} boxes: mean IoU {ious.mean():.5f} min IoU {ious.min():.5f} "
           f"max |score diff| {score_diff:.2e} mask pixels {int(ref_masks.sum())}")
     # Guard against a vacuous comparison: random weights still give non-empty masks.
     assert ref_masks.any()
     assert ious.mean() >= MIN_MEAN_IOU
     assert score_diff <= MAX_SCORE_DIFF
+
+
+def test_variants_answer_with_their_own_weights(triton_server):
+    """The ensembles of different variants are really different models, and `sam`
+    is the default's: same image and boxes, same masks only where expected."""
+    image_bytes = IMAGES["landscape-jpeg-643x427"]
+    boxes = random_boxes(np.random.default_rng(5), 4, 643, 427)
+    results = {}
+    for model in (None, "mobilesam", "efficientvit-sam-l0"):
+        with SamClient(triton_server.grpc_url, model=model) as client:
+            results[model] = client.segment(image_bytes, boxes)
+    assert np.array_equal(results[None].masks, results["mobilesam"].masks)
+    assert np.array_equal(results[None].scores, results["mobilesam"].scores)
+    assert not np.allclose(results["mobilesam"].scores, results["efficientvit-sam-l0"].scores)
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])

@@ -22,13 +22,16 @@ def test_perf_analyzer_sweep_smoke(triton_server, tmp_path):
 
     code = sweep.main([
         "--grpc-url", triton_server.grpc_url, "--http-url", triton_server.http_url,
-        "--models", "sam,mask_decoder", "--concurrency", "1,2", "--request-rates", "2",
+        "--models", "sam,efficientvit_l0_mask_decoder", "--concurrency", "1,2", "--request-rates", "2",
         "--images", "2", "--max-boxes", "3", "--measurement-requests", "3", "--out-dir", str(tmp_path),
     ])
     rows = list(csv.DictReader(open(tmp_path / "sweep.csv")))
     assert code == 0, rows
     assert {(r["model"], r["protocol"], r["mode"]) for r in rows} == {
-        (m, p, mode) for m in ("sam", "mask_decoder") for p in ("grpc", "http") for mode in ("concurrency", "request_rate")
+        (m, p, mode)
+        for m in ("sam", "efficientvit_l0_mask_decoder")
+        for p in ("grpc", "http")
+        for mode in ("concurrency", "request_rate")
     }
     assert all(float(r["throughput_per_s"]) > 0 and float(r["p95_ms"]) > 0 for r in rows)
     assert "cores" in rows[0]["machine"]

@@ -23,7 +23,7 @@ from samtriton.serving.preprocessing import (
     transform_boxes,
     validate_boxes,
 )
-from samtriton.build.registry import SAM_PIXEL_MEAN, SAM_PIXEL_STD
+from samtriton.variants import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 
 SIZES = [(1, 1), (1, 5000), (427, 643), (517, 391), (1024, 1024), (2000, 3000), (333, 500), (1023, 1025), (7, 1999)]
 
@@ -142,12 +142,16 @@ def test_shutdown_drain_counts_requests_in_the_ensembles():
         return {"model_stats": [{"name": m, "inference_stats": s} for m, s in models.items()]}
 
     # 5 through preprocess: 2 finished in postprocess, 1 sam_encode done, 1 failed in the encoder.
-    busy, _ = in_flight_from_stats(stats(preprocess_success=5, postprocess_success=2, sam_encode_success=1,
-                                         image_encoder_fail=1))
+    busy, _ = in_flight_from_stats(stats(mobilesam_preprocess_success=5, postprocess_success=2,
+                                         sam_encode_success=1, mobilesam_image_encoder_fail=1))
     assert busy == 1
-    idle, _ = in_flight_from_stats(stats(preprocess_success=3, preprocess_fail=4, postprocess_success=2,
-                                         sam_encode_success=1))
+    idle, _ = in_flight_from_stats(stats(mobilesam_preprocess_success=3, mobilesam_preprocess_fail=4,
+                                         postprocess_success=2, sam_encode_success=1))
     assert idle == 0
+    # Several variants: their steps and ensembles add up.
+    two, _ = in_flight_from_stats(stats(mobilesam_preprocess_success=2, vit_b_preprocess_success=3,
+                                        postprocess_success=2, sam_encode_vit_b_success=1))
+    assert two == 2
     assert in_flight_from_stats({"model_stats": []})[0] == 0
 
 
@@ -158,3 +162,32 @@ def test_decode_names_pil_decompression_bomb():
     assert PILImage.MAX_IMAGE_PIXELS * 2 < 20000 * 20000
     with pytest.raises(InvalidInput, match="^image: "):
         decode_image(data, Limits(max_pixels=10**12))
+
+
+@pytest.mark.parametrize("h,w", [(427, 643), (517, 391), (300, 300)])
+def test_efficientvit_l0_preprocess_matches_its_predictor(h, w):
+    """512 encoder input, 1024 prompt frame: pixels as EfficientViT-SAM's own
+    transform makes them, boxes and input size as its predictor computes them."""
+    from efficientsam.models.efficientvit.sam import EfficientViTSamPredictor
+    from efficientsam.sam_model_zoo import create_efficientvit_sam_model
+
+    from samtriton.serving.preprocessing import PreprocessSettings, preprocess
+    from samtriton.variants import get_variant
+
+    rng = np.random.default_rng(h + w)
+    image = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+    boxes = np.array([[5, 7, w * 0.6, h * 0.7], [w * 0.2, h * 0.1, w, h]], dtype=np.float32)
+    settings = PreprocessSettings.for_variant(get_variant("efficientvit-sam-l0"))
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    ours = preprocess(buf.getvalue(), boxes, settings)
+
+    sam = create_efficientvit_sam_model("efficientvit-sam-l0", pretrained=False)
+    predictor = EfficientViTSamPredictor(sam)
+    pixels = sam.transform(image).numpy()  # SamResize(512), ToTensor, Normalize, SamPad(512)
+    predictor.original_size, predictor.input_size = (h, w), ResizeLongestSide.get_preprocess_shape(h, w, 1024)
+    assert ours.pixel_values.shape == pixels.shape == (3, 512, 512)
+    # ToTensor/Normalize divide by 255 first: equal up to float32 rounding.
+    np.testing.assert_allclose(ours.pixel_values, pixels, atol=2e-5)
+    assert (ours.geometry.input_h, ours.geometry.input_w) == tuple(predictor.input_size)
+    np.testing.assert_allclose(ours.model_boxes, predictor.apply_boxes(boxes), rtol=1e-6, atol=1e-4)

@@ -41,19 +41,19 @@ def test_cache_can_be_turned_off_and_admin_key_is_random_per_launch():
 
 def test_build_cli_batching_options_reach_the_configs(tmp_path):
     from samtriton.build.configs import model_configs
-    from samtriton.build.registry import get_variant
     from samtriton.build.repository import TEMPLATE_WEIGHTS
+    from samtriton.variants import get_variant
     from samtriton.cli import serving_options
 
     args = build_parser().parse_args([
         "build", "--random-weights", "--out", str(tmp_path), "--encoder-max-batch-size", "8",
         "--encoder-preferred-batch-sizes", "4", "8", "--decoder-max-batch-size", "32", "--decoder-queue-delay-us", "500",
     ])
-    cfgs = model_configs(get_variant("mobilesam"), TEMPLATE_WEIGHTS, serving_options(args))
-    assert cfgs["image_encoder"].max_batch_size == 8
-    assert list(cfgs["image_encoder"].dynamic_batching.preferred_batch_size) == [4, 8]
-    assert cfgs["mask_decoder"].max_batch_size == 32
-    assert cfgs["mask_decoder"].dynamic_batching.max_queue_delay_microseconds == 500
+    cfgs = model_configs([get_variant("mobilesam")], {"mobilesam": TEMPLATE_WEIGHTS}, serving_options(args))
+    assert cfgs["mobilesam_image_encoder"].max_batch_size == 8
+    assert list(cfgs["mobilesam_image_encoder"].dynamic_batching.preferred_batch_size) == [4, 8]
+    assert cfgs["mobilesam_mask_decoder"].max_batch_size == 32
+    assert cfgs["mobilesam_mask_decoder"].dynamic_batching.max_queue_delay_microseconds == 500
 
 
 def test_serve_cli_defaults_match_the_documented_ports():

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
 
-from samtriton.build.registry import ModelVariant
+from samtriton.build.registry import ModelVariant, build_module
 
 # Wrappers some training scripts put around the state dict.
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
@@ -15,14 +14,6 @@ _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
 
 class CheckpointError(ValueError):
     pass
-
-
-def sha256_of(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _unwrap(obj) -> dict:
@@ -53,7 +44,7 @@ def load_model(variant: ModelVariant, checkpoint: str | Path) -> torch.nn.Module
     for prefix in ("module.", "model."):
         if state and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
-    model = variant.build_module()
+    model = build_module(variant)
     expected = model.state_dict()
     missing = set(expected) - set(state)
     unexpected = set(state) - set(expected)
@@ -85,16 +76,22 @@ def load_model(variant: ModelVariant, checkpoint: str | Path) -> torch.nn.Module
 def random_state_dict(variant: ModelVariant, seed: int) -> dict[str, torch.Tensor]:
     """A random-weight state dict in the official layout of `variant`.
 
-    Parameters that the modules initialise to a constant (TinyViT attention
-    biases start at zero) are randomised too, so that tests exercise them.
+    Tensors that the modules initialise to a constant are randomised too, so
+    that tests exercise them: TinyViT's attention biases (zero at init) and the
+    batch-norm running statistics of EfficientViT (mean 0, variance 1 at init,
+    under which a wrong epsilon or a dropped normalisation would go unseen).
     """
     torch.manual_seed(seed)
-    model = variant.build_module()
+    model = build_module(variant)
     generator = torch.Generator().manual_seed(seed + 1)
     state = model.state_dict()
     for name, tensor in state.items():
         if name.endswith("attention_biases"):
             tensor.copy_(torch.randn(tensor.shape, generator=generator))
+        elif name.endswith("running_mean"):
+            tensor.copy_(0.1 * torch.randn(tensor.shape, generator=generator))
+        elif name.endswith("running_var"):
+            tensor.copy_(torch.empty(tensor.shape).uniform_(0.5, 2.0, generator=generator))
     return {k: v.clone() for k, v in state.items()}
 
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from samtriton import spec
-from samtriton.build.registry import ModelVariant
-from samtriton.serving.preprocessing import Limits
+from samtriton.serving.preprocessing import Limits, PreprocessSettings
+from samtriton.variants import ModelVariant
 
 
 @dataclass(frozen=True)
@@ -56,11 +57,12 @@ def _add_tensors(container, tensors, inputs: bool = False):
             entry.allow_ragged_batch = True
 
 
-def _base(name: str, variant: ModelVariant, weights: WeightsInfo) -> mc.ModelConfig:
+def _base(name: str, variant: ModelVariant | None, weights: WeightsInfo | None) -> mc.ModelConfig:
     cfg = mc.ModelConfig(name=name)
-    cfg.parameters["samtriton_model"].string_value = variant.name
-    cfg.parameters["weights"].string_value = weights.description
-    cfg.parameters["random_weights"].string_value = "true" if weights.random else "false"
+    if variant is not None:
+        cfg.parameters["samtriton_model"].string_value = variant.name
+        cfg.parameters["weights"].string_value = weights.description
+        cfg.parameters["random_weights"].string_value = "true" if weights.random else "false"
     return cfg
 
 
@@ -74,20 +76,31 @@ def _python_model(name, variant, weights, io: spec.ModelIO, instances: int, max_
     return cfg
 
 
-def model_configs(variant: ModelVariant, weights: WeightsInfo, options: ServingOptions) -> dict[str, mc.ModelConfig]:
-    io = spec.model_io(variant.image_size)
-    size = str(variant.image_size)
+def _ensemble(name: str, role: str, names: spec.ModelNames, variant: ModelVariant, weights: WeightsInfo):
+    io = spec.model_io(variant.encoder_size)
+    ens = _base(name, variant, weights)
+    ens.platform = "ensemble"
+    ens.max_batch_size = 0
+    _add_tensors(ens.input, io[role].inputs, inputs=True)
+    _add_tensors(ens.output, io[role].outputs)
+    for model, inputs, outputs in spec.ensemble_steps(role, names, variant.encoder_size):
+        step = ens.ensemble_scheduling.step.add(model_name=model, model_version=-1)
+        step.input_map.update(inputs)
+        step.output_map.update(outputs)
+    return ens
 
-    pre = _python_model(spec.PREPROCESS, variant, weights, io[spec.PREPROCESS], options.preprocess_instances)
-    pre.parameters["image_size"].string_value = size
-    pre.parameters["pixel_mean"].string_value = ",".join(repr(v) for v in variant.pixel_mean)
-    pre.parameters["pixel_std"].string_value = ",".join(repr(v) for v in variant.pixel_std)
-    pre.parameters["max_image_bytes"].string_value = str(options.limits.max_image_bytes)
-    pre.parameters["max_pixels"].string_value = str(options.limits.max_pixels)
-    pre.parameters["max_boxes"].string_value = str(options.limits.max_boxes)
+
+def variant_configs(variant: ModelVariant, weights: WeightsInfo, options: ServingOptions) -> list[mc.ModelConfig]:
+    """One variant's preprocess, encoder, decoder and its two ensembles."""
+    io = spec.model_io(variant.encoder_size)
+    names = spec.model_names(variant.slug)
+
+    pre = _python_model(names.preprocess, variant, weights, io[spec.PREPROCESS], options.preprocess_instances)
+    for key, value in PreprocessSettings.for_variant(variant, options.limits).to_parameters().items():
+        pre.parameters[key].string_value = value
 
     enc = _python_model(
-        spec.IMAGE_ENCODER, variant, weights, io[spec.IMAGE_ENCODER], options.encoder_instances,
+        names.image_encoder, variant, weights, io[spec.IMAGE_ENCODER], options.encoder_instances,
         max_batch_size=options.encoder_max_batch_size,
     )
     enc.dynamic_batching.max_queue_delay_microseconds = options.encoder_queue_delay_us
@@ -96,30 +109,48 @@ def model_configs(variant: ModelVariant, weights: WeightsInfo, options: ServingO
     enc.parameters["intra_op_threads"].string_value = str(options.intra_op_threads)
 
     dec = _python_model(
-        spec.MASK_DECODER, variant, weights, io[spec.MASK_DECODER], options.decoder_instances,
+        names.mask_decoder, variant, weights, io[spec.MASK_DECODER], options.decoder_instances,
         max_batch_size=options.decoder_max_batch_size,
     )
     dec.dynamic_batching.max_queue_delay_microseconds = options.decoder_queue_delay_us
     dec.parameters["intra_op_threads"].string_value = str(options.intra_op_threads)
     dec.parameters["max_boxes"].string_value = str(options.limits.max_boxes)
 
-    post = _python_model(spec.POSTPROCESS, variant, weights, io[spec.POSTPROCESS], options.postprocess_instances)
-    post.parameters["image_size"].string_value = size
+    ensembles = [_ensemble(names.of(role), role, names, variant, weights)
+                 for role in (spec.ENSEMBLE, spec.ENCODE_ENSEMBLE)]
+    return [*ensembles, pre, enc, dec]
 
-    ensembles = []
-    for name in (spec.ENSEMBLE, spec.ENCODE_ENSEMBLE):
-        ens = _base(name, variant, weights)
-        ens.platform = "ensemble"
-        ens.max_batch_size = 0
-        _add_tensors(ens.input, io[name].inputs, inputs=True)
-        _add_tensors(ens.output, io[name].outputs)
-        for model, inputs, outputs in spec.ensemble_steps(name, variant.image_size):
-            step = ens.ensemble_scheduling.step.add(model_name=model, model_version=-1)
-            step.input_map.update(inputs)
-            step.output_map.update(outputs)
-        ensembles.append(ens)
 
-    return {c.name: c for c in (*ensembles, pre, enc, dec, post)}
+def model_configs(
+    variants: Sequence[ModelVariant],
+    weights: Mapping[str, WeightsInfo],
+    options: ServingOptions,
+    default: str | None = None,
+) -> dict[str, mc.ModelConfig]:
+    """Every config of a repository holding `variants` (weights keyed by variant name).
+
+    `default` (the first variant if None) also answers as `sam` / `sam_encode`:
+    two more ensembles over the same step models, so the alias costs no memory.
+    """
+    if not variants:
+        raise ValueError("at least one model variant is required")
+    if len({v.name for v in variants}) != len(variants):
+        raise ValueError("a model variant is listed twice")
+    by_name = {v.name: v for v in variants}
+    default_variant = by_name[default] if default is not None else variants[0]
+
+    configs = []
+    for variant in variants:
+        configs.extend(variant_configs(variant, weights[variant.name], options))
+    aliases = spec.default_names(default_variant.slug)
+    for role in (spec.ENSEMBLE, spec.ENCODE_ENSEMBLE):
+        configs.append(_ensemble(aliases.of(role), role, aliases, default_variant, weights[default_variant.name]))
+
+    io = spec.model_io(default_variant.encoder_size)
+    post = _python_model(spec.POSTPROCESS, None, None, io[spec.POSTPROCESS], options.postprocess_instances)
+    post.parameters["samtriton_models"].string_value = ",".join(v.name for v in variants)
+    configs.append(post)
+    return {c.name: c for c in configs}
 
 
 def to_pbtxt(cfg: mc.ModelConfig) -> str:
@@ -133,8 +164,9 @@ def parse_pbtxt(text: str) -> mc.ModelConfig:
 if __name__ == "__main__":
     # Regenerate the configs committed under model_repository/ (the defaults
     # of the CPU target, with a placeholder for the weights).
-    from samtriton.build.registry import DEFAULT_MODEL, get_variant
     from samtriton.build.repository import MODEL_SOURCES, TEMPLATE_WEIGHTS, write_configs
+    from samtriton.variants import DEFAULT_MODEL, get_variant
 
-    write_configs(MODEL_SOURCES, get_variant(DEFAULT_MODEL), TEMPLATE_WEIGHTS, ServingOptions())
+    write_configs(MODEL_SOURCES, model_configs([get_variant(DEFAULT_MODEL)], {DEFAULT_MODEL: TEMPLATE_WEIGHTS},
+                                               ServingOptions()))
     print(f"wrote configs under {MODEL_SOURCES}")

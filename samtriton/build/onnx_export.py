@@ -26,12 +26,34 @@ class ParityReport:
     encoder_max_abs_diff: float
     decoder_mask_max_abs_diff: float
     decoder_iou_max_abs_diff: float
+    # IoU of the thresholded (> 0) low-resolution masks, worst box.
+    decoder_mask_min_iou: float
+
+    # Float32 ONNX Runtime vs PyTorch on the same weights: differences are
+    # rounding (1e-5 seen); anything near these bounds is a wrong graph.
+    MAX_ENCODER_DIFF = 1e-3
+    MAX_MASK_LOGIT_DIFF = 1e-3
+    MAX_IOU_SCORE_DIFF = 1e-4
+    MIN_MASK_IOU = 0.999
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.encoder_max_abs_diff <= self.MAX_ENCODER_DIFF:
+            out.append(f"encoder differs by {self.encoder_max_abs_diff:.3g} (bound {self.MAX_ENCODER_DIFF})")
+        if not self.decoder_mask_max_abs_diff <= self.MAX_MASK_LOGIT_DIFF:
+            out.append(f"mask logits differ by {self.decoder_mask_max_abs_diff:.3g} (bound {self.MAX_MASK_LOGIT_DIFF})")
+        if not self.decoder_iou_max_abs_diff <= self.MAX_IOU_SCORE_DIFF:
+            out.append(f"iou scores differ by {self.decoder_iou_max_abs_diff:.3g} (bound {self.MAX_IOU_SCORE_DIFF})")
+        if not self.decoder_mask_min_iou >= self.MIN_MASK_IOU:
+            out.append(f"mask IoU {self.decoder_mask_min_iou:.5f} (bound {self.MIN_MASK_IOU})")
+        return out
 
     def lines(self) -> list[str]:
         return [
             f"encoder embeddings  max |onnx - torch| = {self.encoder_max_abs_diff:.3g}",
             f"decoder mask logits max |onnx - torch| = {self.decoder_mask_max_abs_diff:.3g}",
             f"decoder iou scores  max |onnx - torch| = {self.decoder_iou_max_abs_diff:.3g}",
+            f"decoder masks (> 0) min IoU onnx vs torch = {self.decoder_mask_min_iou:.5f}",
         ]
 
 
@@ -53,9 +75,9 @@ def _export(module, args, path, input_names, output_names, dynamic_axes):
         )
 
 
-def export_encoder(sam: torch.nn.Module, image_size: int, path: Path) -> None:
+def export_encoder(sam: torch.nn.Module, encoder_size: int, path: Path) -> None:
     encoder = ImageEncoderExport(sam).eval()
-    example = torch.zeros(1, 3, image_size, image_size)
+    example = torch.zeros(1, 3, encoder_size, encoder_size)
     pv, emb = spec.PIXEL_VALUES_NAME, spec.IMAGE_EMBEDDINGS_NAME
     with torch.no_grad(), batch_agnostic(encoder):
         _export(encoder, (example,), path, [pv], [emb], {pv: {0: "images"}, emb: {0: "images"}})
@@ -79,7 +101,14 @@ def export_decoder(sam: torch.nn.Module, path: Path) -> None:
         _export(decoder, (embeddings, boxes, index), path, names_in, names_out, axes)
 
 
-def check_parity(sam: torch.nn.Module, image_size: int, encoder_path: Path, decoder_path: Path,
+def _min_iou(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    union = (a | b).sum(axis=1)
+    iou = np.where(union > 0, (a & b).sum(axis=1) / np.maximum(union, 1), 1.0)
+    return float(iou.min())
+
+
+def check_parity(sam: torch.nn.Module, encoder_size: int, encoder_path: Path, decoder_path: Path,
                  seed: int = 0) -> ParityReport:
     """Run the exported graphs and the PyTorch modules on the same random inputs.
 
@@ -89,7 +118,7 @@ def check_parity(sam: torch.nn.Module, image_size: int, encoder_path: Path, deco
     import onnxruntime as ort
 
     rng = np.random.default_rng(seed)
-    pixels = rng.standard_normal((2, 3, image_size, image_size)).astype(np.float32)
+    pixels = rng.standard_normal((2, 3, encoder_size, encoder_size)).astype(np.float32)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     enc = ort.InferenceSession(str(encoder_path), opts, providers=["CPUExecutionProvider"])
@@ -98,8 +127,9 @@ def check_parity(sam: torch.nn.Module, image_size: int, encoder_path: Path, deco
         torch_emb = sam.image_encoder(torch.from_numpy(pixels)).numpy()
 
     n = 6
-    xy0 = rng.uniform(0, image_size * 0.6, size=(n, 2))
-    wh = rng.uniform(8, image_size * 0.4, size=(n, 2))
+    # Boxes are in the prompt frame, whatever the encoder's input size.
+    xy0 = rng.uniform(0, spec.PROMPT_SIZE * 0.6, size=(n, 2))
+    wh = rng.uniform(8, spec.PROMPT_SIZE * 0.4, size=(n, 2))
     boxes = np.concatenate([xy0, xy0 + wh], axis=1).astype(np.float32)
     index = np.array([0, 1, 0, 1, 1, 0], dtype=np.int32)
     dec = ort.InferenceSession(str(decoder_path), opts, providers=["CPUExecutionProvider"])
@@ -131,4 +161,5 @@ def check_parity(sam: torch.nn.Module, image_size: int, encoder_path: Path, deco
         encoder_max_abs_diff=float(np.abs(onnx_emb - torch_emb).max()),
         decoder_mask_max_abs_diff=float(np.abs(onnx_masks - ref_masks).max()),
         decoder_iou_max_abs_diff=float(np.abs(onnx_iou - ref_iou).max()),
+        decoder_mask_min_iou=_min_iou(onnx_masks > 0, ref_masks > 0),
     )

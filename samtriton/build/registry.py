@@ -1,31 +1,22 @@
-"""Model variants that `samtriton build` knows, keyed by name.
+"""PyTorch constructors for the variants of `samtriton.variants`, keyed by family.
 
-Each entry carries what the rest of the pipeline must agree on for that model:
-the encoder's input size, the pixel normalisation, the official checkpoint's
-file name, and how to construct the PyTorch module the checkpoint loads into.
+The modules come from the upstream packages (`mobilesam-mirror`,
+`efficientsam`, `segment-anything`), so the official checkpoints load with
+their own key names; the export wrappers (`export_wrappers.py`) are ours.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
-from typing import Callable
+
+from torch import nn
+
+from samtriton.variants import DEFAULT_MODEL, MODEL_REGISTRY, ModelVariant, UnknownModelError, get_variant
+
+__all__ = ["DEFAULT_MODEL", "MODEL_REGISTRY", "ModelVariant", "UnknownModelError", "get_variant", "build_module"]
 
 
-@dataclass(frozen=True)
-class ModelVariant:
-    name: str
-    description: str
-    image_size: int  # longest side of the encoder input; the input is square
-    pixel_mean: tuple[float, float, float]
-    pixel_std: tuple[float, float, float]
-    checkpoint_file: str
-    build_module: Callable[[], "object"]  # returns an upstream `Sam` nn.Module, eval mode
-
-
-def _build_mobilesam():
-    # Upstream MobileSAM code (the `mobilesam-mirror` package) is the model
-    # definition, so official checkpoints load with their own key names.
+def _mobilesam(variant: ModelVariant) -> nn.Module:
     with warnings.catch_warnings():
         # It imports timm's deprecated paths and re-registers TinyViT names.
         warnings.simplefilter("ignore")
@@ -34,35 +25,26 @@ def _build_mobilesam():
     return sam_model_registry["vit_t"]()
 
 
-SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
-SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+def _efficientvit(variant: ModelVariant) -> nn.Module:
+    from efficientsam.sam_model_zoo import create_efficientvit_sam_model
 
-MODEL_REGISTRY: dict[str, ModelVariant] = {
-    v.name: v
-    for v in (
-        ModelVariant(
-            name="mobilesam",
-            description="MobileSAM (TinyViT-5M encoder, SAM prompt encoder and mask decoder)",
-            image_size=1024,
-            pixel_mean=SAM_PIXEL_MEAN,
-            pixel_std=SAM_PIXEL_STD,
-            checkpoint_file="mobile_sam.pt",
-            build_module=_build_mobilesam,
-        ),
-    )
-}
-
-DEFAULT_MODEL = "mobilesam"
+    # The zoo function also sets the norm epsilon (1e-6) the weights were trained with.
+    return create_efficientvit_sam_model(variant.name, pretrained=False)
 
 
-class UnknownModelError(KeyError):
-    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
-        return str(self.args[0])
+def _sam(variant: ModelVariant) -> nn.Module:
+    from segment_anything import sam_model_registry
+
+    return sam_model_registry[{"sam-vit-b": "vit_b"}[variant.name]](checkpoint=None)
 
 
-def get_variant(name: str) -> ModelVariant:
-    try:
-        return MODEL_REGISTRY[name]
-    except KeyError:
-        valid = ", ".join(sorted(MODEL_REGISTRY))
-        raise UnknownModelError(f"unknown model {name!r}; valid models: {valid}") from None
+_BUILDERS = {"mobilesam": _mobilesam, "efficientvit": _efficientvit, "sam": _sam}
+
+
+def build_module(variant: ModelVariant) -> nn.Module:
+    """The upstream model of `variant` with its initial weights, eval mode."""
+    module = _BUILDERS[variant.family](variant)
+    encoder_size = getattr(module, "image_size", None)
+    if isinstance(encoder_size, tuple):  # EfficientViT-SAM: (prompt frame, encoder input)
+        assert encoder_size[1] == variant.encoder_size, (variant.name, encoder_size)
+    return module.eval()

@@ -1,101 +1,155 @@
-"""Write a complete Triton model repository for one model variant (CPU target)."""
+"""Write a complete Triton model repository for one or more model variants (CPU target)."""
 
 from __future__ import annotations
 
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from samtriton import spec
 from samtriton.build import checkpoint as ckpt
 from samtriton.build.configs import ServingOptions, WeightsInfo, model_configs, to_pbtxt
+from samtriton.build.download import sha256_of
 from samtriton.build.onnx_export import ParityReport, check_parity, export_decoder, export_encoder
-from samtriton.build.registry import ModelVariant
+from samtriton.variants import DEFAULT_MODEL, ModelVariant, get_variant
 
-# The python models' sources, laid out as a Triton repository in the project.
+# The python models' sources: the committed model_repository/ is what
+# `samtriton build --model mobilesam` writes, less the ONNX files; the other
+# variants' step models get copies of the same model.py files.
 MODEL_SOURCES = Path(__file__).resolve().parents[2] / "model_repository"
-MODEL_NAMES = (spec.ENSEMBLE, spec.ENCODE_ENSEMBLE, spec.PREPROCESS, spec.IMAGE_ENCODER, spec.MASK_DECODER, spec.POSTPROCESS)
+SOURCE_NAMES = spec.default_names(get_variant(DEFAULT_MODEL).slug)
 # Placeholder written into the configs committed under model_repository/.
 TEMPLATE_WEIGHTS = WeightsInfo(description="set by `samtriton build`", random=False)
+
+class ParityError(RuntimeError):
+    pass
+
 
 RANDOM_BANNER = """\
 ************************************************************************
 *  RANDOM WEIGHTS: this repository was built from a randomly initialised *
 *  model. Its masks are meaningless; use it for tests only.              *
-*  For real masks: samtriton build --checkpoint mobile_sam.pt ...        *
+*  For real masks: samtriton build --model NAME (downloads the official  *
+*  checkpoint) or --checkpoint PATH|URL.                                 *
 ************************************************************************"""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """One variant to build, from a checkpoint file or from random weights."""
+
+    variant: ModelVariant
+    checkpoint: Path | None = None
+    random_seed: int | None = None
+
+    def __post_init__(self):
+        if (self.checkpoint is None) == (self.random_seed is None):
+            raise ValueError(f"{self.variant.name}: pass exactly one of checkpoint and random_seed")
 
 
 @dataclass(frozen=True)
 class BuildResult:
     out_dir: Path
-    weights: WeightsInfo
-    parity: ParityReport
+    weights: dict[str, WeightsInfo]
+    parity: dict[str, ParityReport]
     seconds: float
+    default: str = field(default="")
 
 
-def write_configs(out_dir: Path, variant: ModelVariant, weights: WeightsInfo, options: ServingOptions) -> None:
-    for name, cfg in model_configs(variant, weights, options).items():
+def write_configs(out_dir: Path, configs) -> None:
+    for name, cfg in configs.items():
         (out_dir / name).mkdir(parents=True, exist_ok=True)
         (out_dir / name / "config.pbtxt").write_text(to_pbtxt(cfg))
 
 
-def _copy_python_models(out_dir: Path) -> None:
+def _copy_python_models(out_dir: Path, configs) -> None:
     if not MODEL_SOURCES.is_dir():
         raise FileNotFoundError(f"python model sources not found at {MODEL_SOURCES}")
-    for name in MODEL_NAMES:
+    for name, cfg in configs.items():
         version = out_dir / name / "1"
         version.mkdir(parents=True, exist_ok=True)
-        src = MODEL_SOURCES / name / "1" / "model.py"
-        if src.exists():
-            shutil.copy2(src, version / "model.py")
-        else:  # the ensemble: an empty version folder
+        if cfg.platform == "ensemble":
             (version / ".gitkeep").touch()
+            continue
+        src = MODEL_SOURCES / SOURCE_NAMES.of(spec.role_of(name)) / "1" / "model.py"
+        shutil.copy2(src, version / "model.py")
+
+
+def _export_variant(source: ModelSource, out_dir: Path, tmp: Path, log) -> tuple[WeightsInfo, ParityReport]:
+    variant = source.variant
+    if source.checkpoint is None:
+        checkpoint = ckpt.write_random_checkpoint(variant, tmp / variant.checkpoint_file, source.random_seed)
+        weights = WeightsInfo(f"RANDOM WEIGHTS (seed {source.random_seed}); masks are meaningless", random=True)
+    else:
+        checkpoint = source.checkpoint
+        weights = WeightsInfo(f"checkpoint {Path(checkpoint).name} sha256={sha256_of(checkpoint)}", random=False)
+    log(f"[{variant.name}] loading {checkpoint}")
+    sam = ckpt.load_model(variant, checkpoint)
+    names = spec.model_names(variant.slug)
+    encoder_onnx = out_dir / names.image_encoder / "1" / "model.onnx"
+    decoder_onnx = out_dir / names.mask_decoder / "1" / "model.onnx"
+    encoder_onnx.parent.mkdir(parents=True, exist_ok=True)
+    decoder_onnx.parent.mkdir(parents=True, exist_ok=True)
+    log(f"[{variant.name}] exporting the image encoder ({variant.encoder_size}x{variant.encoder_size}) to ONNX")
+    export_encoder(sam, variant.encoder_size, encoder_onnx)
+    log(f"[{variant.name}] exporting the mask decoder to ONNX")
+    export_decoder(sam, decoder_onnx)
+    log(f"[{variant.name}] checking ONNX Runtime against PyTorch")
+    parity = check_parity(sam, variant.encoder_size, encoder_onnx, decoder_onnx)
+    for line in parity.lines():
+        log("  " + line)
+    if parity.problems():
+        raise ParityError(f"{variant.name}: the exported ONNX does not reproduce PyTorch: "
+                          + "; ".join(parity.problems()) + ". Nothing was written.")
+    return weights, parity
 
 
 def build_repository(
-    variant: ModelVariant,
+    sources: Sequence[ModelSource],
     out_dir: str | Path,
-    checkpoint: str | Path | None = None,
-    random_seed: int | None = None,
     options: ServingOptions = ServingOptions(),
+    default: str | None = None,
     log=print,
 ) -> BuildResult:
-    """Export ONNX from `checkpoint` (or random weights), check parity, write the repository."""
-    if (checkpoint is None) == (random_seed is None):
-        raise ValueError("pass exactly one of checkpoint and random_seed")
+    """Export every variant's ONNX, check parity, and write the repository.
+
+    The repository is assembled next to `out_dir` and swapped in at the end,
+    so a failed build leaves the previous one as it was.
+    """
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    with tempfile.TemporaryDirectory(prefix="samtriton-build-") as tmp:
-        if checkpoint is None:
-            log(RANDOM_BANNER)
-            checkpoint = ckpt.write_random_checkpoint(variant, Path(tmp) / variant.checkpoint_file, random_seed)
-            weights = WeightsInfo(f"RANDOM WEIGHTS (seed {random_seed}); masks are meaningless", random=True)
-        else:
-            weights = WeightsInfo(
-                f"checkpoint {Path(checkpoint).name} sha256={ckpt.sha256_of(checkpoint)}", random=False
-            )
-        log(f"loading {variant.name} from {checkpoint}")
-        sam = ckpt.load_model(variant, checkpoint)
-
-        encoder_onnx = out_dir / spec.IMAGE_ENCODER / "1" / "model.onnx"
-        decoder_onnx = out_dir / spec.MASK_DECODER / "1" / "model.onnx"
-        encoder_onnx.parent.mkdir(parents=True, exist_ok=True)
-        decoder_onnx.parent.mkdir(parents=True, exist_ok=True)
-        log("exporting image encoder to ONNX")
-        export_encoder(sam, variant.image_size, encoder_onnx)
-        log("exporting mask decoder to ONNX")
-        export_decoder(sam, decoder_onnx)
-        log("checking ONNX Runtime against PyTorch")
-        parity = check_parity(sam, variant.image_size, encoder_onnx, decoder_onnx)
-        for line in parity.lines():
-            log("  " + line)
-
-    _copy_python_models(out_dir)
-    write_configs(out_dir, variant, weights, options)
-    if weights.random:
+    variants = [s.variant for s in sources]
+    default = default or variants[0].name
+    if default not in {v.name for v in variants}:
+        raise ValueError(f"default model {default!r} is not among the models built: "
+                         + ", ".join(v.name for v in variants))
+    any_random = any(s.checkpoint is None for s in sources)
+    if any_random:
         log(RANDOM_BANNER)
-    log(f"wrote {out_dir} ({weights.description})")
-    return BuildResult(out_dir, weights, parity, time.perf_counter() - started)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        weights, parity = {}, {}
+        with tempfile.TemporaryDirectory(prefix="samtriton-build-") as tmp:
+            for source in sources:
+                w, p = _export_variant(source, staging, Path(tmp), log)
+                weights[source.variant.name], parity[source.variant.name] = w, p
+        configs = model_configs(variants, weights, options, default)
+        _copy_python_models(staging, configs)
+        write_configs(staging, configs)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    if any_random:
+        log(RANDOM_BANNER)
+    for v in variants:
+        log(f"{v.name}: ensemble {v.ensemble}" + (" (also `sam`, the default)" if v.name == default else "")
+            + f"; {weights[v.name].description}")
+    log(f"wrote {out_dir}")
+    return BuildResult(out_dir, weights, parity, time.perf_counter() - started, default)

@@ -22,8 +22,9 @@ class AsyncSamClient(proto.ClientSettings):
     """
 
     def __init__(self, url: str | None = None, protocol: str = "grpc", model_name: str = spec.ENSEMBLE,
-                 encode_model_name: str = spec.ENCODE_ENSEMBLE, timeout_s: float = 300.0):
-        super().__init__(url, protocol, model_name, encode_model_name, timeout_s)
+                 encode_model_name: str = spec.ENCODE_ENSEMBLE, timeout_s: float = 300.0, *,
+                 model: str | None = None):
+        super().__init__(url, protocol, model_name, encode_model_name, timeout_s, model=model)
         if protocol == "grpc":
             import tritonclient.grpc.aio as aio
 

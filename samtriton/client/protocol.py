@@ -15,6 +15,7 @@ from samtriton.client.result import SegmentationResult
 from samtriton.serving.outputs import OUTPUTS_PARAMETER
 from samtriton.serving.postprocessing import decode_rle
 from samtriton.serving.preprocessing import Geometry
+from samtriton.variants import get_variant
 
 PROTOCOLS = ("grpc", "http")
 MASK_TRANSPORTS = ("rle", "dense")
@@ -40,7 +41,13 @@ class ClientSettings:
     """What the sync and asyncio clients share: where, which models, how long to wait."""
 
     def __init__(self, url: str | None = None, protocol: str = "grpc", model_name: str = spec.ENSEMBLE,
-                 encode_model_name: str = spec.ENCODE_ENSEMBLE, timeout_s: float = 300.0):
+                 encode_model_name: str = spec.ENCODE_ENSEMBLE, timeout_s: float = 300.0, *,
+                 model: str | None = None):
+        if model is not None:
+            # A variant name (`samtriton models`) picks its own ensembles; an
+            # unknown one raises UnknownModelError listing the valid names.
+            variant = get_variant(model)
+            model_name, encode_model_name = variant.ensemble, variant.encode_ensemble
         self.protocol = protocol
         self.model_name = model_name
         self.encode_model_name = encode_model_name

@@ -21,14 +21,18 @@ class SamClient(proto.ClientSettings):
     >>> result = client.segment("photo.jpg", [[10, 20, 200, 240]])
     >>> result.masks.shape, result.scores
 
+    `model="efficientvit-sam-l0"` calls that variant's ensembles in a
+    repository holding several (the default is the repository's `sam`).
+
     Interactive use, one image and many prompts: `encoded = client.encode(image)`
     once, then `client.decode(encoded, boxes)` as often as needed; the server
     answers the image encoder from its response cache.
     """
 
     def __init__(self, url: str | None = None, protocol: str = "grpc", model_name: str = spec.ENSEMBLE,
-                 encode_model_name: str = spec.ENCODE_ENSEMBLE, timeout_s: float = 300.0):
-        super().__init__(url, protocol, model_name, encode_model_name, timeout_s)
+                 encode_model_name: str = spec.ENCODE_ENSEMBLE, timeout_s: float = 300.0, *,
+                 model: str | None = None):
+        super().__init__(url, protocol, model_name, encode_model_name, timeout_s, model=model)
         try:
             if protocol == "grpc":
                 self._client = self._module.InferenceServerClient(self.url)

@@ -15,6 +15,7 @@ from samtriton import spec
 from samtriton.serving.onnx_runtime import decode, encode, make_session
 from samtriton.serving.postprocessing import masks_from_logits
 from samtriton.serving.preprocessing import PreprocessSettings, Preprocessed, preprocess
+from samtriton.variants import get_variant
 
 
 def repository_parameters(repo: Path, model: str) -> dict[str, str]:
@@ -25,17 +26,23 @@ def repository_parameters(repo: Path, model: str) -> dict[str, str]:
     return {k: v.string_value for k, v in cfg.parameters.items()}
 
 
+def repository_names(repo: Path, model: str | None = None) -> spec.ModelNames:
+    """The step model names of variant `model` in a built repository (None: its default)."""
+    if model is None:
+        model = repository_parameters(repo, spec.ENSEMBLE)["samtriton_model"]
+    return spec.model_names(get_variant(model).slug)
+
+
 class InProcessPipeline:
-    def __init__(self, model_repository: str | Path, intra_op_threads: int = 0):
+    def __init__(self, model_repository: str | Path, intra_op_threads: int = 0, model: str | None = None):
         repo = Path(model_repository)
-        self.settings = PreprocessSettings.from_parameters(repository_parameters(repo, spec.PREPROCESS))
-        self.image_size = self.settings.image_size
-        self.encoder = make_session(str(repo / spec.IMAGE_ENCODER / "1" / "model.onnx"), intra_op_threads)
-        self.decoder = make_session(str(repo / spec.MASK_DECODER / "1" / "model.onnx"), intra_op_threads)
+        self.names = repository_names(repo, model)
+        self.settings = PreprocessSettings.from_parameters(repository_parameters(repo, self.names.preprocess))
+        self.encoder = make_session(str(repo / self.names.image_encoder / "1" / "model.onnx"), intra_op_threads)
+        self.decoder = make_session(str(repo / self.names.mask_decoder / "1" / "model.onnx"), intra_op_threads)
 
     def preprocess(self, image_bytes: bytes, boxes=None) -> Preprocessed:
-        s = self.settings
-        return preprocess(image_bytes, boxes, s.image_size, s.pixel_mean, s.pixel_std, s.limits)
+        return preprocess(image_bytes, boxes, self.settings)
 
     def encode(self, pre: Preprocessed) -> np.ndarray:
         return encode(self.encoder, pre.pixel_values[np.newaxis])
@@ -47,4 +54,4 @@ class InProcessPipeline:
         """(masks (N, H, W) bool, scores (N,) float32) for one request."""
         pre = self.preprocess(image_bytes, np.asarray(boxes, dtype=np.float32))
         low_res, scores = self.decode(self.encode(pre), pre.model_boxes)
-        return masks_from_logits(low_res, pre.geometry, self.image_size), scores
+        return masks_from_logits(low_res, pre.geometry, self.settings.prompt_size), scores

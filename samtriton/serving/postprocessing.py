@@ -1,7 +1,7 @@
 """Low-resolution mask logits -> binary masks at the original image size.
 
 The upstream predictor upsamples the 256x256 logits bilinearly to the padded
-encoder frame, crops the padding, resizes bilinearly to the original size
+prompt frame (1024 for every variant), crops the padding, resizes bilinearly to the original size
 (`F.interpolate(..., mode="bilinear", align_corners=False)` both times) and
 thresholds at 0.  Random-weight decoders produce high-frequency masks, so any
 shortcut here (one resize instead of two, another interpolation) costs whole
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from samtriton.serving.preprocessing import Geometry
+from samtriton.spec import PROMPT_SIZE
 
 MASK_THRESHOLD = 0.0
 # Masks resized per chunk, to bound the float32 temporaries to a few hundred MB.
@@ -72,13 +73,13 @@ def _resize(x: np.ndarray, rows: Taps, cols: Taps) -> np.ndarray:
     return x[:, rows.i0, :] * rows.w0[:, None] + x[:, rows.i1, :] * rows.w1[:, None]
 
 
-def masks_from_logits(low_res: np.ndarray, geometry: Geometry, encoder_size: int) -> np.ndarray:
+def masks_from_logits(low_res: np.ndarray, geometry: Geometry, frame_size: int = PROMPT_SIZE) -> np.ndarray:
     """(N, 256, 256) float32 logits -> (N, H, W) bool masks at the original size."""
     n, low_h, low_w = low_res.shape
     g = geometry
-    # Step 1: low-res -> encoder frame, cropped to the resized image.
-    up_rows = dense_weights(bilinear_taps(low_h, encoder_size, keep=g.input_h), low_h)
-    up_cols_t = dense_weights(bilinear_taps(low_w, encoder_size, keep=g.input_w), low_w).T.copy()
+    # Step 1: low-res -> the padded prompt frame, cropped to the resized image.
+    up_rows = dense_weights(bilinear_taps(low_h, frame_size, keep=g.input_h), low_h)
+    up_cols_t = dense_weights(bilinear_taps(low_w, frame_size, keep=g.input_w), low_w).T.copy()
     # Step 2: resized image -> original size.
     same_size = (g.input_h, g.input_w) == (g.original_h, g.original_w)
     down_rows = bilinear_taps(g.input_h, g.original_h)

@@ -6,6 +6,11 @@ uint8 image with PIL bilinear so its longest side is the encoder size
 then zero-pad bottom/right to a square.  Boxes are scaled by the same per-axis
 factors.  Padding happens after normalisation, so the pad is 0 in normalised
 space; doing both here keeps the encoder graph a plain network.
+
+The encoder's input size and the prompt frame differ for EfficientViT-SAM
+L0-L2 (512 vs 1024): the image is resized for the encoder, while the boxes
+and the geometry the postprocess uses are in the 1024 frame, as its
+predictor computes `input_size` with the 1024 long side.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from samtriton.serving.errors import InvalidInput
+from samtriton.spec import PROMPT_SIZE
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")
 
@@ -32,7 +38,7 @@ class Limits:
 class Geometry:
     original_h: int
     original_w: int
-    input_h: int  # resized size before padding
+    input_h: int  # resized size before padding, in the prompt frame
     input_w: int
 
     def as_array(self) -> np.ndarray:
@@ -139,7 +145,7 @@ def validate_boxes(boxes, geometry: Geometry, limits: Limits = Limits()) -> np.n
 
 
 def transform_boxes(boxes: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """Original-pixel boxes -> the encoder input frame (ResizeLongestSide.apply_boxes)."""
+    """Original-pixel boxes -> the prompt frame (ResizeLongestSide.apply_boxes)."""
     scale = np.array(
         [
             geometry.input_w / geometry.original_w,
@@ -154,16 +160,35 @@ def transform_boxes(boxes: np.ndarray, geometry: Geometry) -> np.ndarray:
 
 @dataclass(frozen=True)
 class PreprocessSettings:
-    image_size: int
+    encoder_size: int
+    prompt_size: int
     pixel_mean: tuple[float, float, float]
     pixel_std: tuple[float, float, float]
     limits: Limits
 
     @classmethod
+    def for_variant(cls, variant, limits: Limits = Limits()) -> "PreprocessSettings":
+        """From a `samtriton.variants.ModelVariant`."""
+        return cls(variant.encoder_size, PROMPT_SIZE, tuple(variant.pixel_mean), tuple(variant.pixel_std), limits)
+
+    def to_parameters(self) -> dict[str, str]:
+        """The preprocess model's config.pbtxt parameters (`samtriton build` writes them)."""
+        return {
+            "encoder_size": str(self.encoder_size),
+            "prompt_size": str(self.prompt_size),
+            "pixel_mean": ",".join(repr(v) for v in self.pixel_mean),
+            "pixel_std": ",".join(repr(v) for v in self.pixel_std),
+            "max_image_bytes": str(self.limits.max_image_bytes),
+            "max_pixels": str(self.limits.max_pixels),
+            "max_boxes": str(self.limits.max_boxes),
+        }
+
+    @classmethod
     def from_parameters(cls, params: dict[str, str]) -> "PreprocessSettings":
-        """From the preprocess model's config.pbtxt parameters (written by `samtriton build`)."""
+        """The inverse of `to_parameters`, in the python model's initialize()."""
         return cls(
-            image_size=int(params["image_size"]),
+            encoder_size=int(params["encoder_size"]),
+            prompt_size=int(params["prompt_size"]),
             pixel_mean=tuple(float(v) for v in params["pixel_mean"].split(",")),
             pixel_std=tuple(float(v) for v in params["pixel_std"].split(",")),
             limits=Limits(int(params["max_image_bytes"]), int(params["max_pixels"]), int(params["max_boxes"])),
@@ -173,23 +198,23 @@ class PreprocessSettings:
 @dataclass(frozen=True)
 class Preprocessed:
     pixel_values: np.ndarray  # (3, S, S) float32
-    model_boxes: np.ndarray  # (N, 4) float32, encoder frame
+    model_boxes: np.ndarray  # (N, 4) float32, prompt frame
     geometry: Geometry
 
 
-def preprocess(image_bytes: bytes, boxes, image_size: int, mean, std, limits: Limits = Limits()) -> Preprocessed:
+def preprocess(image_bytes: bytes, boxes, settings: PreprocessSettings) -> Preprocessed:
     """`boxes=None` prepares the image alone (the `sam_encode` ensemble)."""
-    rgb = decode_image(image_bytes, limits)
+    rgb = decode_image(image_bytes, settings.limits)
     h, w = rgb.shape[:2]
-    new_h, new_w = resized_shape(h, w, image_size)
+    new_h, new_w = resized_shape(h, w, settings.prompt_size)
     geometry = Geometry(h, w, new_h, new_w)
     if boxes is None:
         model_boxes = np.zeros((0, 4), dtype=np.float32)
     else:
-        model_boxes = transform_boxes(validate_boxes(boxes, geometry, limits), geometry)
-    resized = resize_longest_side(rgb, image_size)
+        model_boxes = transform_boxes(validate_boxes(boxes, geometry, settings.limits), geometry)
+    resized = resize_longest_side(rgb, settings.encoder_size)
     return Preprocessed(
-        pixel_values=normalise_and_pad(resized, image_size, mean, std),
+        pixel_values=normalise_and_pad(resized, settings.encoder_size, settings.pixel_mean, settings.pixel_std),
         model_boxes=model_boxes,
         geometry=geometry,
     )

@@ -2,7 +2,9 @@
 
 Only the outputs named in the request parameter `outputs` are computed (see
 samtriton.serving.outputs): a scores-only request skips the resize, and
-`masks` (N x H x W bytes) is built only when asked for.
+`masks` (N x H x W bytes) is built only when asked for.  It has no weights
+and every variant's logits live in the same 1024 frame, so all the
+variants' ensembles share this one model.
 """
 
 import numpy as np
@@ -12,12 +14,12 @@ from samtriton import spec
 from samtriton.serving.outputs import requested_outputs
 from samtriton.serving.postprocessing import encode_rle, masks_from_logits
 from samtriton.serving.preprocessing import Geometry
-from samtriton.serving.triton_helpers import error_response, input_array, model_parameters, tensor
+from samtriton.serving.triton_helpers import error_response, input_array, tensor
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.image_size = int(model_parameters(args)["image_size"])
+        self.model_name = args["model_name"]
 
     def _one(self, request):
         wanted = requested_outputs(request.parameters())
@@ -29,7 +31,7 @@ class TritonPythonModel:
         if spec.SCORES.name in wanted:
             outputs.append(tensor(spec.SCORES.name, scores))
         if wanted & {spec.MASKS.name, spec.MASKS_RLE.name}:
-            masks = masks_from_logits(low_res, geometry, self.image_size)
+            masks = masks_from_logits(low_res, geometry)
             if spec.MASKS_RLE.name in wanted:
                 outputs.append(tensor(spec.MASKS_RLE.name, np.array(encode_rle(masks), dtype=np.object_)))
             if spec.MASKS.name in wanted:
@@ -42,5 +44,5 @@ class TritonPythonModel:
             try:
                 responses.append(pb_utils.InferenceResponse(output_tensors=self._one(request)))
             except Exception as e:
-                responses.append(error_response(e, "postprocess"))
+                responses.append(error_response(e, self.model_name))
         return responses

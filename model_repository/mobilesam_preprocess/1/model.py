@@ -16,6 +16,7 @@ from samtriton.serving.triton_helpers import error_response, input_array, model_
 
 class TritonPythonModel:
     def initialize(self, args):
+        self.model_name = args["model_name"]
         self.settings = PreprocessSettings.from_parameters(model_parameters(args))
 
     def _one(self, request):
@@ -27,8 +28,7 @@ class TritonPythonModel:
         # Absent for `sam_encode` requests (the `sam` ensemble requires it).
         box_tensor = pb_utils.get_input_tensor_by_name(request, spec.BOXES.name)
         boxes = None if box_tensor is None else box_tensor.as_numpy()
-        s = self.settings
-        out = preprocess(images[0], boxes, s.image_size, s.pixel_mean, s.pixel_std, s.limits)
+        out = preprocess(images[0], boxes, self.settings)
         return [
             tensor(spec.PIXEL_VALUES_NAME, out.pixel_values[np.newaxis]),
             tensor(spec.MODEL_BOXES_NAME, out.model_boxes[np.newaxis]),
@@ -41,5 +41,5 @@ class TritonPythonModel:
             try:
                 responses.append(pb_utils.InferenceResponse(output_tensors=self._one(request)))
             except Exception as e:  # one response per request, whatever happens
-                responses.append(error_response(e, "preprocess"))
+                responses.append(error_response(e, self.model_name))
         return responses

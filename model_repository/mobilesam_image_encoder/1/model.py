@@ -14,6 +14,7 @@ from samtriton.serving.triton_helpers import error_response, input_array, onnx_s
 
 class TritonPythonModel:
     def initialize(self, args):
+        self.model_name = args["model_name"]
         self.session = onnx_session(args)
 
     def execute(self, requests):
@@ -21,7 +22,7 @@ class TritonPythonModel:
             batches = [input_array(request, spec.PIXEL_VALUES_NAME) for request in requests]
             embeddings = encode(self.session, stack(batches))
         except Exception as e:
-            return [error_response(e, "image_encoder") for _ in requests]
+            return [error_response(e, self.model_name) for _ in requests]
         responses = []
         start = 0
         for batch in batches:
