@@ -78,7 +78,7 @@ def _download(url: str, dest: Path, timeout_s: float, log) -> str:
                     next_report += 0.1
     except urllib.error.HTTPError as e:
         raise CheckpointDownloadError(f"cannot download {url}: HTTP {e.code} {e.reason}") from e
-    except (urllib.error.URLError, OSError) as e:
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
         reason = getattr(e, "reason", e)
         raise CheckpointDownloadError(
             f"cannot download {url} ({reason}). Without internet access, fetch the file on a machine "
