@@ -59,10 +59,13 @@ def serving_options(args):
     from samtriton.build.configs import ServingOptions
     from samtriton.serving.preprocessing import Limits
 
-    return ServingOptions(
+    # Options left out take the target's defaults (ServingOptions.for_target).
+    return ServingOptions.for_target(
+        args.target,
         encoder_max_batch_size=args.encoder_max_batch_size,
         encoder_queue_delay_us=args.encoder_queue_delay_us,
-        encoder_preferred_batch_sizes=tuple(args.encoder_preferred_batch_sizes),
+        encoder_preferred_batch_sizes=(None if args.encoder_preferred_batch_sizes is None
+                                       else tuple(args.encoder_preferred_batch_sizes)),
         decoder_max_batch_size=args.decoder_max_batch_size,
         decoder_queue_delay_us=args.decoder_queue_delay_us,
         intra_op_threads=args.intra_op_threads,
@@ -102,6 +105,24 @@ def cmd_build(args) -> int:
         build_repository(sources, args.out, options=serving_options(args), default=args.default)
     except (CheckpointError, CheckpointDownloadError, ParityError, FileNotFoundError, ValueError) as e:
         return fail(e)
+    return 0
+
+
+def cmd_build_engines(args) -> int:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        print("samtriton build-engines: the `tensorrt` Python package is not installed (it needs an NVIDIA GPU; "
+              "the Docker image in docker/ has it)", file=sys.stderr)
+        return 2
+    from samtriton.build.engines import EngineBuildError, build_repository_engines
+
+    try:
+        built = build_repository_engines(Path(args.model_repository), Path(args.cache_dir), fp16=not args.fp32)
+    except EngineBuildError as e:
+        print(f"samtriton build-engines: {e}", file=sys.stderr)
+        return 1
+    print(f"samtriton build-engines: {built} engine(s) built, the others taken from {args.cache_dir}")
     return 0
 
 
@@ -147,6 +168,10 @@ def cmd_serve(args) -> int:
 
     repo = Path(args.model_repository)
     if not _check_repository(repo, "serve"):
+        return 2
+    if any('platform: "tensorrt_plan"' in p.read_text() for p in repo.glob("*/config.pbtxt")):
+        print(f"samtriton serve: {repo} is a GPU-target repository (TensorRT models); this tritonserver has "
+              "only the python backend. Serve it with the image in docker/ (see docker/README.md).", file=sys.stderr)
         return 2
     opts = server.ServerOptions(
         model_repository=repo,
@@ -278,7 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the model variants that can be built")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("build", help="export ONNX and write a Triton model repository (CPU target)")
+    p = sub.add_parser("build", help="export ONNX and write a Triton model repository")
+    p.add_argument("--target", choices=("cpu", "gpu"), default="cpu",
+                   help="cpu: ONNX Runtime in python models (this tritonserver); gpu: TensorRT models for the "
+                        "NGC image, engines built on the serving GPU by `samtriton build-engines`")
     p.add_argument("--model", nargs="+", default=["mobilesam"], metavar="NAME",
                    help="model variants to put in the repository, side by side (see `samtriton models`)")
     p.add_argument("--default", metavar="NAME",
@@ -293,19 +321,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random weights in the official layout: for tests, masks are meaningless")
     p.add_argument("--seed", type=int, default=0, help="seed of --random-weights")
     p.add_argument("--out", required=True, help="model repository directory to write")
-    p.add_argument("--encoder-max-batch-size", type=int, default=defaults.encoder_max_batch_size)
-    p.add_argument("--encoder-queue-delay-us", type=int, default=defaults.encoder_queue_delay_us)
-    p.add_argument("--encoder-preferred-batch-sizes", type=int, nargs="*",
-                   default=list(defaults.encoder_preferred_batch_sizes), metavar="N")
-    p.add_argument("--decoder-max-batch-size", type=int, default=defaults.decoder_max_batch_size,
-                   help="requests per decoder call (ragged batching)")
-    p.add_argument("--decoder-queue-delay-us", type=int, default=defaults.decoder_queue_delay_us)
+    gpu = ServingOptions.for_target("gpu")
+    p.add_argument("--encoder-max-batch-size", type=int,
+                   help=f"default {defaults.encoder_max_batch_size} (cpu), {gpu.encoder_max_batch_size} (gpu)")
+    p.add_argument("--encoder-queue-delay-us", type=int,
+                   help=f"default {defaults.encoder_queue_delay_us} (cpu), {gpu.encoder_queue_delay_us} (gpu)")
+    p.add_argument("--encoder-preferred-batch-sizes", type=int, nargs="*", metavar="N")
+    p.add_argument("--decoder-max-batch-size", type=int,
+                   help="requests per decoder call (ragged batching); default "
+                        f"{defaults.decoder_max_batch_size} (cpu), {gpu.decoder_max_batch_size} (gpu)")
+    p.add_argument("--decoder-queue-delay-us", type=int)
     p.add_argument("--intra-op-threads", type=int, default=defaults.intra_op_threads,
                    help="ONNX Runtime threads per model instance (0: all cores)")
     p.add_argument("--max-image-bytes", type=int, default=defaults.limits.max_image_bytes)
     p.add_argument("--max-pixels", type=int, default=defaults.limits.max_pixels)
     p.add_argument("--max-boxes", type=int, default=defaults.limits.max_boxes)
     p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("build-engines", help="GPU target: build TensorRT engines on this GPU, with the accuracy gate")
+    p.add_argument("--model-repository", required=True)
+    p.add_argument("--cache-dir", default=os.environ.get("SAMTRITON_ENGINE_CACHE", "var/engines"),
+                   help="engines kept per GPU name, TensorRT version, ONNX and profile ($SAMTRITON_ENGINE_CACHE)")
+    p.add_argument("--fp32", action="store_true", help="no fp16 (the gate still runs)")
+    p.set_defaults(func=cmd_build_engines)
 
     p = sub.add_parser("serve", help="run tritonserver on a model repository (foreground, CPU)")
     p.add_argument("--model-repository", required=True)

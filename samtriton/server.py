@@ -92,10 +92,13 @@ class ServerOptions:
     cache_bytes: int = DEFAULT_CACHE_BYTES  # 0: no response cache
     log_verbose: int = 0
     extra_args: tuple[str, ...] = ()
+    # An installed Triton tree (bin/, backends/, caches/), e.g. /opt/tritonserver
+    # in the NGC image; None: the one the nvidia-pytriton wheel carries.
+    triton_home: Path | None = None
 
 
 def server_command(opts: ServerOptions, home: Path | None = None) -> list[str]:
-    home = home or triton_home()
+    home = home or opts.triton_home or triton_home()
     header_key, _, header_value = opts.admin_header.partition(":")
     restricted = f"model-repository,shared-memory:{header_key}={header_value}"
     return [
@@ -131,7 +134,7 @@ def _die_with_parent():
 def start(opts: ServerOptions, stdout=None, stderr=None) -> subprocess.Popen:
     return subprocess.Popen(
         server_command(opts),
-        env=server_env(),
+        env=dict(os.environ) if opts.triton_home else server_env(),
         stdout=stdout,
         stderr=stderr,
         preexec_fn=_die_with_parent,

@@ -128,6 +128,11 @@ IOU_PREDICTIONS = TensorSpec(IOU_PREDICTIONS_NAME, "TYPE_FP32", (1, -1))
 IOU_PREDICTIONS_BATCHED = TensorSpec(IOU_PREDICTIONS_NAME, "TYPE_FP32", (-1,))
 # Input of the ONNX decoder graph only (the python model builds it).
 BOX_IMAGE_INDEX = TensorSpec("box_image_index", "TYPE_INT32", (-1,))
+# GPU target: the TensorRT decoder gets the ragged boxes as Triton's TensorRT
+# backend delivers them (all requests' boxes in one 1-D tensor) and, as a
+# batch_input of kind BATCH_ACCUMULATED_ELEMENT_COUNT, the running element
+# count per request; it derives each box's image from that.
+BOXES_ACCUMULATED_NAME = "boxes_accumulated"
 
 
 PIXEL_VALUES_NAME = "pixel_values"

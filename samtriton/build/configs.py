@@ -13,15 +13,20 @@ from samtriton.serving.preprocessing import Limits, PreprocessSettings
 from samtriton.variants import ModelVariant
 
 
+TARGETS = ("cpu", "gpu")
+
+
 @dataclass(frozen=True)
 class ServingOptions:
     """Knobs of the generated repository that are not fixed by the model.
 
     The defaults are the CPU target's: a CPU encoder call takes about a
     second, so waiting 2 ms to fill a batch costs nothing; batches stay small
-    because a batch of 4 already keeps both cores busy for seconds.
+    because a batch of 4 already keeps both cores busy for seconds.  The GPU
+    target's are in `for_target("gpu")`.
     """
 
+    target: str = "cpu"
     encoder_max_batch_size: int = 4
     encoder_queue_delay_us: int = 2000
     encoder_preferred_batch_sizes: tuple[int, ...] = ()
@@ -38,6 +43,30 @@ class ServingOptions:
     # 0 lets ONNX Runtime use every core; set it when several instances share a host.
     intra_op_threads: int = 0
     limits: Limits = field(default_factory=Limits)
+    # GPU target: the decoder engine's optimisation profile is tuned for this
+    # many boxes per call (its maximum is decoder_max_batch_size * max_boxes).
+    decoder_opt_boxes: int = 32
+
+    def __post_init__(self):
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+
+    @classmethod
+    def for_target(cls, target: str, **overrides) -> "ServingOptions":
+        """Defaults of `target`, with `overrides` (None values ignored) on top.
+
+        GPU: an encoder call takes milliseconds, so batches fill in 1 ms and
+        go up to 8 images; the decoder engine takes up to 4 requests of up to
+        256 boxes (its profile maximum, 1024 boxes, bounds its memory); more
+        CPU instances of the pre/postprocess keep the GPU fed.
+        """
+        base = {"target": target}
+        if target == "gpu":
+            base.update(encoder_max_batch_size=8, encoder_queue_delay_us=1000, encoder_preferred_batch_sizes=(4, 8),
+                        decoder_max_batch_size=4, decoder_queue_delay_us=500, preprocess_instances=4,
+                        postprocess_instances=4)
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**base)
 
 
 @dataclass(frozen=True)
@@ -46,6 +75,11 @@ class WeightsInfo:
 
     description: str  # e.g. "checkpoint mobile_sam.pt sha256=..." or "RANDOM WEIGHTS (seed 0)"
     random: bool
+
+
+# The engine file Triton's TensorRT backend loads from a GPU-target version folder;
+# `samtriton build-engines` writes it beside the model.onnx it comes from.
+TENSORRT_PLAN = "model.plan"
 
 
 def _add_tensors(container, tensors, inputs: bool = False):
@@ -76,6 +110,48 @@ def _python_model(name, variant, weights, io: spec.ModelIO, instances: int, max_
     return cfg
 
 
+def _tensorrt_model(name, variant, weights, io: spec.ModelIO, instances: int, max_batch_size: int):
+    cfg = _base(name, variant, weights)
+    cfg.platform = "tensorrt_plan"
+    cfg.default_model_filename = TENSORRT_PLAN
+    cfg.max_batch_size = max_batch_size
+    _add_tensors(cfg.input, io.inputs, inputs=True)
+    _add_tensors(cfg.output, io.outputs)
+    cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=instances)
+    return cfg
+
+
+def _tensorrt_encoder(names, variant, weights, io, options: ServingOptions) -> mc.ModelConfig:
+    return _tensorrt_model(names.image_encoder, variant, weights, io[spec.IMAGE_ENCODER],
+                           options.encoder_instances, options.encoder_max_batch_size)
+
+
+def _tensorrt_decoder(names, variant, weights, io, options: ServingOptions) -> mc.ModelConfig:
+    """The decoder engine under Triton's ragged batching.
+
+    Requests keep their [1, n, 4] boxes (the ensemble's shape); `reshape`
+    makes them [4n] so the TensorRT backend concatenates all requests' boxes
+    into one 1-D tensor, a batch input gives the running element counts
+    (RaggedBoxMaskDecoderExport turns them into each box's image), and the
+    per-box outputs are scattered back by each request's box count.
+    """
+    dec = _tensorrt_model(names.mask_decoder, variant, weights, io[spec.MASK_DECODER],
+                          options.decoder_instances, options.decoder_max_batch_size)
+    boxes = next(t for t in dec.input if t.name == spec.MODEL_BOXES_NAME)
+    boxes.reshape.shape.extend([-1])
+    dec.batch_input.add(
+        kind=mc.BatchInput.BATCH_ACCUMULATED_ELEMENT_COUNT, target_name=[spec.BOXES_ACCUMULATED_NAME],
+        data_type=mc.TYPE_INT32, source_input=[spec.MODEL_BOXES_NAME],
+    )
+    dec.batch_output.add(
+        target_name=[spec.LOW_RES_MASKS_NAME, spec.IOU_PREDICTIONS_NAME],
+        kind=mc.BatchOutput.BATCH_SCATTER_WITH_INPUT_SHAPE, source_input=[spec.MODEL_BOXES_NAME],
+    )
+    dec.parameters["max_boxes"].string_value = str(options.limits.max_boxes)
+    dec.parameters["opt_boxes"].string_value = str(options.decoder_opt_boxes)
+    return dec
+
+
 def _ensemble(name: str, role: str, names: spec.ModelNames, variant: ModelVariant, weights: WeightsInfo):
     io = spec.model_io(variant.encoder_size)
     ens = _base(name, variant, weights)
@@ -99,22 +175,25 @@ def variant_configs(variant: ModelVariant, weights: WeightsInfo, options: Servin
     for key, value in PreprocessSettings.for_variant(variant, options.limits).to_parameters().items():
         pre.parameters[key].string_value = value
 
-    enc = _python_model(
-        names.image_encoder, variant, weights, io[spec.IMAGE_ENCODER], options.encoder_instances,
-        max_batch_size=options.encoder_max_batch_size,
-    )
+    if options.target == "gpu":
+        enc, dec = _tensorrt_encoder(names, variant, weights, io, options), _tensorrt_decoder(
+            names, variant, weights, io, options)
+    else:
+        enc = _python_model(
+            names.image_encoder, variant, weights, io[spec.IMAGE_ENCODER], options.encoder_instances,
+            max_batch_size=options.encoder_max_batch_size,
+        )
+        enc.parameters["intra_op_threads"].string_value = str(options.intra_op_threads)
+        dec = _python_model(
+            names.mask_decoder, variant, weights, io[spec.MASK_DECODER], options.decoder_instances,
+            max_batch_size=options.decoder_max_batch_size,
+        )
+        dec.parameters["intra_op_threads"].string_value = str(options.intra_op_threads)
+        dec.parameters["max_boxes"].string_value = str(options.limits.max_boxes)
     enc.dynamic_batching.max_queue_delay_microseconds = options.encoder_queue_delay_us
     enc.dynamic_batching.preferred_batch_size.extend(options.encoder_preferred_batch_sizes)
     enc.response_cache.enable = options.encoder_response_cache
-    enc.parameters["intra_op_threads"].string_value = str(options.intra_op_threads)
-
-    dec = _python_model(
-        names.mask_decoder, variant, weights, io[spec.MASK_DECODER], options.decoder_instances,
-        max_batch_size=options.decoder_max_batch_size,
-    )
     dec.dynamic_batching.max_queue_delay_microseconds = options.decoder_queue_delay_us
-    dec.parameters["intra_op_threads"].string_value = str(options.intra_op_threads)
-    dec.parameters["max_boxes"].string_value = str(options.limits.max_boxes)
 
     ensembles = [_ensemble(names.of(role), role, names, variant, weights)
                  for role in (spec.ENSEMBLE, spec.ENCODE_ENSEMBLE)]

@@ -130,3 +130,26 @@ class BoxMaskDecoderExport(nn.Module):
         low_res_masks = masks.reshape(-1, up_h, up_w)
         iou_predictions = self.iou_prediction_head(iou_token_out)[:, 0]
         return low_res_masks, iou_predictions
+
+
+class RaggedBoxMaskDecoderExport(nn.Module):
+    """The box mask decoder as Triton's TensorRT backend feeds a ragged batch.
+
+    With `allow_ragged_batch` on `model_boxes`, the backend concatenates the
+    requests' boxes into one 1-D tensor and, through a `batch_input` of kind
+    BATCH_ACCUMULATED_ELEMENT_COUNT, passes each request's running element
+    count.  Request r holds image r of `image_embeddings`, so box i belongs to
+    the number of requests whose running count is <= 4 * i.  That index is
+    computed from data only (a comparison and a sum), never from a shape
+    derived from prompt values, so it stays a plain TensorRT layer chain.
+    """
+
+    def __init__(self, sam: nn.Module):
+        super().__init__()
+        self.decoder = BoxMaskDecoderExport(sam)
+
+    def forward(self, image_embeddings, model_boxes, boxes_accumulated):
+        boxes = model_boxes.reshape(-1, 4)
+        first_element = torch.arange(boxes.shape[0], device=boxes.device, dtype=torch.int32) * 4
+        index = (first_element.unsqueeze(1) >= boxes_accumulated.reshape(1, -1)).to(torch.int32).sum(dim=1)
+        return self.decoder(image_embeddings, boxes, index)

@@ -16,7 +16,12 @@ import numpy as np
 import torch
 
 from samtriton import spec
-from samtriton.build.export_wrappers import BoxMaskDecoderExport, ImageEncoderExport, batch_agnostic
+from samtriton.build.export_wrappers import (
+    BoxMaskDecoderExport,
+    ImageEncoderExport,
+    RaggedBoxMaskDecoderExport,
+    batch_agnostic,
+)
 
 OPSET = 17
 
@@ -101,6 +106,26 @@ def export_decoder(sam: torch.nn.Module, path: Path) -> None:
         _export(decoder, (embeddings, boxes, index), path, names_in, names_out, axes)
 
 
+def export_ragged_decoder(sam: torch.nn.Module, path: Path) -> None:
+    """The GPU target's decoder graph: 1-D ragged boxes + accumulated counts (see
+    RaggedBoxMaskDecoderExport).  Same outputs as `export_decoder`'s."""
+    decoder = RaggedBoxMaskDecoderExport(sam).eval()
+    embeddings = torch.zeros(2, *spec.EMBEDDING_SHAPE)
+    boxes = torch.tensor([10.0, 20.0, 300.0, 400.0, 0.0, 0.0, 50.0, 60.0, 5.0, 5.0, 900.0, 700.0])
+    accumulated = torch.tensor([4, 12], dtype=torch.int32)
+    names_in = [spec.IMAGE_EMBEDDINGS_NAME, spec.MODEL_BOXES.name, spec.BOXES_ACCUMULATED_NAME]
+    names_out = [spec.LOW_RES_MASKS.name, spec.IOU_PREDICTIONS.name]
+    axes = {
+        names_in[0]: {0: "images"},
+        names_in[1]: {0: "box_elements"},
+        names_in[2]: {0: "images"},
+        names_out[0]: {0: "boxes"},
+        names_out[1]: {0: "boxes"},
+    }
+    with torch.no_grad():
+        _export(decoder, (embeddings, boxes, accumulated), path, names_in, names_out, axes)
+
+
 def _min_iou(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
     union = (a | b).sum(axis=1)
@@ -131,16 +156,16 @@ def check_parity(sam: torch.nn.Module, encoder_size: int, encoder_path: Path, de
     xy0 = rng.uniform(0, spec.PROMPT_SIZE * 0.6, size=(n, 2))
     wh = rng.uniform(8, spec.PROMPT_SIZE * 0.4, size=(n, 2))
     boxes = np.concatenate([xy0, xy0 + wh], axis=1).astype(np.float32)
-    index = np.array([0, 1, 0, 1, 1, 0], dtype=np.int32)
     dec = ort.InferenceSession(str(decoder_path), opts, providers=["CPUExecutionProvider"])
-    onnx_masks, onnx_iou = dec.run(
-        None,
-        {
-            spec.IMAGE_EMBEDDINGS_NAME: torch_emb,
-            spec.MODEL_BOXES.name: boxes,
-            spec.BOX_IMAGE_INDEX.name: index,
-        },
-    )
+    if spec.BOXES_ACCUMULATED_NAME in {i.name for i in dec.get_inputs()}:
+        # The GPU target's ragged graph: boxes grouped by image, flattened.
+        index = np.array([0, 0, 0, 1, 1, 1], dtype=np.int32)
+        feeds = {spec.MODEL_BOXES.name: boxes.reshape(-1),
+                 spec.BOXES_ACCUMULATED_NAME: np.array([12, 24], dtype=np.int32)}
+    else:
+        index = np.array([0, 1, 0, 1, 1, 0], dtype=np.int32)
+        feeds = {spec.MODEL_BOXES.name: boxes, spec.BOX_IMAGE_INDEX.name: index}
+    onnx_masks, onnx_iou = dec.run(None, {spec.IMAGE_EMBEDDINGS_NAME: torch_emb, **feeds})
     # Reference: the upstream modules, one image at a time, as the predictor calls them.
     ref_masks = np.empty_like(onnx_masks)
     ref_iou = np.empty_like(onnx_iou)

@@ -13,7 +13,14 @@ from samtriton import spec
 from samtriton.build import checkpoint as ckpt
 from samtriton.build.configs import ServingOptions, WeightsInfo, model_configs, to_pbtxt
 from samtriton.build.download import sha256_of
-from samtriton.build.onnx_export import ParityReport, check_parity, export_decoder, export_encoder
+from samtriton.build import trt_compat
+from samtriton.build.onnx_export import (
+    ParityReport,
+    check_parity,
+    export_decoder,
+    export_encoder,
+    export_ragged_decoder,
+)
 from samtriton.variants import DEFAULT_MODEL, ModelVariant, get_variant
 
 # The python models' sources: the committed model_repository/ is what
@@ -74,11 +81,25 @@ def _copy_python_models(out_dir: Path, configs) -> None:
         if cfg.platform == "ensemble":
             (version / ".gitkeep").touch()
             continue
+        if cfg.platform == "tensorrt_plan":  # model.onnx now, model.plan from build-engines
+            continue
         src = MODEL_SOURCES / SOURCE_NAMES.of(spec.role_of(name)) / "1" / "model.py"
         shutil.copy2(src, version / "model.py")
 
 
-def _export_variant(source: ModelSource, out_dir: Path, tmp: Path, log) -> tuple[WeightsInfo, ParityReport]:
+def _check_tensorrt_graphs(variant: ModelVariant, encoder_onnx: Path, decoder_onnx: Path, log) -> None:
+    import onnx
+
+    found = trt_compat.problems(onnx.load(str(encoder_onnx), load_external_data=False), ())
+    found += trt_compat.problems(onnx.load(str(decoder_onnx)),
+                                 (spec.MODEL_BOXES_NAME, spec.BOXES_ACCUMULATED_NAME))
+    if found:
+        raise ParityError(f"{variant.name}: the ONNX graphs are not TensorRT-ready: " + "; ".join(found[:5]))
+    log(f"[{variant.name}] graphs checked for TensorRT (operators, no shape computed from box values)")
+
+
+def _export_variant(source: ModelSource, out_dir: Path, tmp: Path, log,
+                    target: str = "cpu") -> tuple[WeightsInfo, ParityReport]:
     variant = source.variant
     if source.checkpoint is None:
         checkpoint = ckpt.write_random_checkpoint(variant, tmp / variant.checkpoint_file, source.random_seed)
@@ -95,8 +116,13 @@ def _export_variant(source: ModelSource, out_dir: Path, tmp: Path, log) -> tuple
     decoder_onnx.parent.mkdir(parents=True, exist_ok=True)
     log(f"[{variant.name}] exporting the image encoder ({variant.encoder_size}x{variant.encoder_size}) to ONNX")
     export_encoder(sam, variant.encoder_size, encoder_onnx)
-    log(f"[{variant.name}] exporting the mask decoder to ONNX")
-    export_decoder(sam, decoder_onnx)
+    if target == "gpu":
+        log(f"[{variant.name}] exporting the mask decoder to ONNX (ragged boxes, for TensorRT)")
+        export_ragged_decoder(sam, decoder_onnx)
+        _check_tensorrt_graphs(variant, encoder_onnx, decoder_onnx, log)
+    else:
+        log(f"[{variant.name}] exporting the mask decoder to ONNX")
+        export_decoder(sam, decoder_onnx)
     log(f"[{variant.name}] checking ONNX Runtime against PyTorch")
     parity = check_parity(sam, variant.encoder_size, encoder_onnx, decoder_onnx)
     for line in parity.lines():
@@ -135,7 +161,7 @@ def build_repository(
         weights, parity = {}, {}
         with tempfile.TemporaryDirectory(prefix="samtriton-build-") as tmp:
             for source in sources:
-                w, p = _export_variant(source, staging, Path(tmp), log)
+                w, p = _export_variant(source, staging, Path(tmp), log, options.target)
                 weights[source.variant.name], parity[source.variant.name] = w, p
         configs = model_configs(variants, weights, options, default)
         _copy_python_models(staging, configs)
@@ -152,4 +178,7 @@ def build_repository(
         log(f"{v.name}: ensemble {v.ensemble}" + (" (also `sam`, the default)" if v.name == default else "")
             + f"; {weights[v.name].description}")
     log(f"wrote {out_dir}")
+    if options.target == "gpu":
+        log("GPU target: build the TensorRT engines on the serving GPU with "
+            f"`samtriton build-engines --model-repository {out_dir}` (the Docker image does it at start)")
     return BuildResult(out_dir, weights, parity, time.perf_counter() - started, default)

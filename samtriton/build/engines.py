@@ -1,0 +1,281 @@
+"""TensorRT engines for the GPU target: profiles, precision rules, the build, the accuracy gate.
+
+`samtriton build-engines --model-repository DIR` turns every `tensorrt_plan`
+model's `1/model.onnx` (written by `samtriton build --target gpu`) into
+`1/model.plan` on the GPU that will serve it.  The profiles come from the
+model's own config.pbtxt, so the engine accepts exactly what Triton may send
+it.  fp16 keeps in fp32 the layers known to overflow or lose masks in fp16:
+normalisations (LayerNorm, SAM's LayerNorm2d pieces), the softmax of the
+two-way transformer, and EfficientViT's attention blocks.  Before a plan is
+written, its masks are compared with the fp32 ONNX model's on a fixed set
+(the accuracy gate); an engine that fails is not written.
+
+Only the pure parts (profiles, precision rules, cache keys) run without a
+GPU; the rest needs `tensorrt` and a CUDA device and is skipped in CI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from samtriton import spec
+
+# --- optimisation profiles ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Profile:
+    """min / opt / max shape of every engine input."""
+
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
+
+
+def encoder_profile(encoder_size: int, max_batch_size: int) -> Profile:
+    chw = (3, encoder_size, encoder_size)
+    opt = max(1, max_batch_size // 2)
+    return Profile({spec.PIXEL_VALUES_NAME: ((1, *chw), (opt, *chw), (max_batch_size, *chw))})
+
+
+def decoder_profile(max_batch_size: int, max_boxes: int, opt_boxes: int) -> Profile:
+    """Images per call 1..max_batch_size (one per request); boxes per call
+    1..max_batch_size * max_boxes, as 1-D ragged elements (4 per box)."""
+    max_total = max_batch_size * max_boxes
+    opt_total = min(max(1, opt_boxes), max_total)
+    opt_images = max(1, min(max_batch_size, max_batch_size // 2))
+    emb = spec.EMBEDDING_SHAPE
+    return Profile({
+        spec.IMAGE_EMBEDDINGS_NAME: ((1, *emb), (opt_images, *emb), (max_batch_size, *emb)),
+        spec.MODEL_BOXES_NAME: ((4,), (4 * opt_total,), (4 * max_total,)),
+        spec.BOXES_ACCUMULATED_NAME: ((1,), (opt_images,), (max_batch_size,)),
+    })
+
+
+def profile_from_config(cfg, encoder_size: int) -> Profile:
+    """The profile of a generated tensorrt_plan config (`spec.role_of` its name)."""
+    role = spec.role_of(cfg.name)
+    if role == spec.IMAGE_ENCODER:
+        return encoder_profile(encoder_size, cfg.max_batch_size)
+    if role == spec.MASK_DECODER:
+        params = {k: v.string_value for k, v in cfg.parameters.items()}
+        return decoder_profile(cfg.max_batch_size, int(params["max_boxes"]), int(params["opt_boxes"]))
+    raise ValueError(f"{cfg.name} is not an encoder or decoder")
+
+
+# --- precision ------------------------------------------------------------------
+
+# Layer names come from the ONNX node names (the exporter names nodes after
+# module paths, e.g. "/mask_decoder/transformer/layers.0/self_attn/Softmax").
+_FP32_RULES = (
+    # LayerNorm exported as one op (TinyViT, ViT-B blocks, the decoder's norms).
+    re.compile(r"LayerNormalization"),
+    # LayerNorm2d spelled out (ReduceMean, Sub, Pow, Sqrt, Div): SAM's neck and
+    # output upscaling, EfficientViT-SAM's final norm.
+    re.compile(r"/(norm\d*|neck\.[13]|output_upscaling\.1)/"),
+    # Attention softmaxes: the two-way transformer's (fp16 gave wrong masks,
+    # TensorRT #3999) and the encoders'; cheap to keep exact.
+    re.compile(r"/Softmax(_\d+)?$"),
+    # EfficientViT's multi-scale linear attention (LiteMLA): the whole context
+    # module, whose ReLU-kernel sums overflow in fp16 (efficientvit #113/#116).
+    re.compile(r"/context_module/"),
+)
+
+
+def keep_fp32(layer_name: str) -> bool:
+    return any(rule.search(layer_name) for rule in _FP32_RULES)
+
+
+# --- the engine cache and the build -----------------------------------------------
+
+
+def cache_key(gpu_name: str, tensorrt_version: str, onnx_sha256: str, profile: Profile, fp16: bool) -> str:
+    """Engines are only valid for one GPU model and TensorRT version; a new ONNX,
+    profile or precision also needs a new one."""
+    text = repr((gpu_name, tensorrt_version, onnx_sha256, sorted(profile.shapes.items()), fp16))
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class GateReport:
+    min_mask_iou: float
+    mean_mask_iou: float
+    max_score_diff: float
+    max_embedding_diff: float | None = None
+
+    MIN_IOU = 0.97
+    MAX_SCORE_DIFF = 0.05
+
+    def passed(self) -> bool:
+        return self.min_mask_iou >= self.MIN_IOU and self.max_score_diff <= self.MAX_SCORE_DIFF
+
+    def line(self) -> str:
+        emb = "" if self.max_embedding_diff is None else f", embeddings max |diff| {self.max_embedding_diff:.3g}"
+        return (f"mask IoU vs fp32 ONNX: min {self.min_mask_iou:.4f} (gate {self.MIN_IOU}), mean "
+                f"{self.mean_mask_iou:.4f}; scores max |diff| {self.max_score_diff:.3g} (gate "
+                f"{self.MAX_SCORE_DIFF}){emb}")
+
+
+def mask_ious(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    union = (a | b).sum(axis=1)
+    return np.where(union > 0, (a & b).sum(axis=1) / np.maximum(union, 1), 1.0)
+
+
+def gate_inputs(seed: int = 0, images: int = 2, boxes_per_image: int = 6):
+    """The fixed set: embeddings-like inputs and boxes spread over the prompt frame."""
+    rng = np.random.default_rng(seed)
+    xy0 = rng.uniform(0, spec.PROMPT_SIZE * 0.6, size=(images * boxes_per_image, 2))
+    wh = rng.uniform(16, spec.PROMPT_SIZE * 0.4, size=(images * boxes_per_image, 2))
+    boxes = np.concatenate([xy0, xy0 + wh], axis=1).astype(np.float32)
+    accumulated = (np.arange(1, images + 1) * boxes_per_image * 4).astype(np.int32)
+    return rng, boxes, accumulated
+
+
+class EngineBuildError(RuntimeError):
+    pass
+
+
+def build_engine(onnx_path: Path, profile: Profile, fp16: bool, log=print) -> bytes:
+    """Parse `onnx_path` with TensorRT and build a serialized engine (needs a GPU)."""
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise EngineBuildError(f"TensorRT cannot parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    trt_profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in profile.shapes.items():
+        trt_profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(trt_profile)
+    if fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+        kept = 0
+        for i in range(network.num_layers):
+            layer = network.get_layer(i)
+            if keep_fp32(layer.name) and layer.type not in (trt.LayerType.SHAPE, trt.LayerType.CONSTANT):
+                layer.precision = trt.float32
+                for j in range(layer.num_outputs):
+                    if layer.get_output(j).dtype in (trt.float32, trt.float16):
+                        layer.set_output_type(j, trt.float32)
+                kept += 1
+        log(f"  fp16 with {kept} of {network.num_layers} layers kept in fp32")
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EngineBuildError(f"TensorRT could not build an engine from {onnx_path}")
+    return bytes(serialized)
+
+
+# --- a repository's engines -------------------------------------------------------
+
+
+def gpu_name() -> str:
+    import subprocess
+
+    out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", "0"],
+                         capture_output=True, text=True, check=True, timeout=30)
+    return out.stdout.strip()
+
+
+def _run_engine(plan: bytes, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+    with TrtRunner(EngineFromBytes(plan)) as runner:
+        return {k: np.asarray(v) for k, v in runner.infer(feeds).items()}
+
+
+def _run_onnx(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    from samtriton.serving.onnx_runtime import make_session
+
+    session = make_session(str(path))
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(None, feeds)))
+
+
+def accuracy_gate(role: str, plan: bytes, onnx_path: Path, decoder_onnx: Path, encoder_size: int) -> GateReport:
+    """Masks of the engine vs masks of the fp32 ONNX model on the fixed set.
+
+    An encoder engine is judged through the fp32 decoder: its embeddings and
+    the ONNX encoder's go through the same decoder and boxes.
+    """
+    rng, boxes, accumulated = gate_inputs()
+    box_feeds = {spec.MODEL_BOXES_NAME: boxes.reshape(-1), spec.BOXES_ACCUMULATED_NAME: accumulated}
+    embedding_diff = None
+    if role == spec.IMAGE_ENCODER:
+        pixels = rng.standard_normal((len(accumulated), 3, encoder_size, encoder_size)).astype(np.float32)
+        feeds = {spec.PIXEL_VALUES_NAME: pixels}
+        emb_ref = _run_onnx(onnx_path, feeds)[spec.IMAGE_EMBEDDINGS_NAME]
+        emb_trt = _run_engine(plan, feeds)[spec.IMAGE_EMBEDDINGS_NAME].astype(np.float32)
+        embedding_diff = float(np.abs(emb_trt - emb_ref).max())
+        ref = _run_onnx(decoder_onnx, {spec.IMAGE_EMBEDDINGS_NAME: emb_ref, **box_feeds})
+        got = _run_onnx(decoder_onnx, {spec.IMAGE_EMBEDDINGS_NAME: emb_trt, **box_feeds})
+    else:
+        embeddings = rng.standard_normal((len(accumulated), *spec.EMBEDDING_SHAPE)).astype(np.float32)
+        feeds = {spec.IMAGE_EMBEDDINGS_NAME: embeddings, **box_feeds}
+        ref, got = _run_onnx(onnx_path, feeds), _run_engine(plan, feeds)
+    ious = mask_ious(got[spec.LOW_RES_MASKS_NAME] > 0, ref[spec.LOW_RES_MASKS_NAME] > 0)
+    score_diff = float(np.abs(got[spec.IOU_PREDICTIONS_NAME] - ref[spec.IOU_PREDICTIONS_NAME]).max())
+    return GateReport(float(ious.min()), float(ious.mean()), score_diff, embedding_diff)
+
+
+def build_repository_engines(repo: Path, cache_dir: Path, fp16: bool = True, log=print) -> int:
+    """Build (or take from `cache_dir`) the plan of every tensorrt_plan model in `repo`.
+
+    Returns the number of engines built; raises EngineBuildError when one fails
+    to build or fails the accuracy gate (nothing is written for it).
+    """
+    import shutil
+
+    import tensorrt as trt
+
+    from samtriton.build.configs import TENSORRT_PLAN, parse_pbtxt
+    from samtriton.build.download import sha256_of
+
+    gpu = gpu_name()
+    built = 0
+    configs = {p.parent.name: parse_pbtxt(p.read_text()) for p in sorted(repo.glob("*/config.pbtxt"))}
+    for name, cfg in configs.items():
+        if cfg.platform != "tensorrt_plan":
+            continue
+        version = repo / name / "1"
+        onnx_path = version / "model.onnx"
+        encoder_size = _encoder_size(configs, cfg)
+        profile = profile_from_config(cfg, encoder_size)
+        key = cache_key(gpu, trt.__version__, sha256_of(onnx_path), profile, fp16)
+        cached = cache_dir / name / key / TENSORRT_PLAN
+        if cached.is_file():
+            log(f"{name}: engine from the cache ({gpu}, TensorRT {trt.__version__}, key {key})")
+        else:
+            log(f"{name}: building a {'fp16' if fp16 else 'fp32'} engine on {gpu} (TensorRT {trt.__version__})")
+            plan = build_engine(onnx_path, profile, fp16, log)
+            decoder = repo / _sibling(name, spec.MASK_DECODER) / "1" / "model.onnx"
+            report = accuracy_gate(spec.role_of(name), plan, onnx_path, decoder, encoder_size)
+            log(f"  {report.line()}")
+            if not report.passed():
+                raise EngineBuildError(f"{name}: the engine fails the accuracy gate ({report.line()}); "
+                                       "not written. Try --fp32 for this model.")
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(".part")
+            tmp.write_bytes(plan)
+            tmp.rename(cached)
+            built += 1
+        shutil.copyfile(cached, version / TENSORRT_PLAN)
+    return built
+
+
+def _sibling(model_name: str, role: str) -> str:
+    slug = model_name.rsplit("_" + spec.role_of(model_name), 1)[0]
+    return spec.model_names(slug).of(role)
+
+
+def _encoder_size(configs, cfg) -> int:
+    encoder = configs[_sibling(cfg.name, spec.IMAGE_ENCODER)]
+    return int(list(encoder.input[0].dims)[-1])
