@@ -29,6 +29,10 @@ $(VENV)/.setup-done: pyproject.toml constraints.txt
 	@ldconfig -p | grep -q libb64.so.0d || { echo "installing libb64-0d for perf_analyzer"; \
 	  (apt-get update -qq && apt-get install -y -qq libb64-0d) >/dev/null || \
 	  echo "WARNING: could not install libb64-0d (apt-get install libb64-0d): perf_analyzer will not start"; }
+	@# The Kubernetes tests render docker/k8s with `kubectl kustomize`.
+	@command -v kubectl >/dev/null || { echo "installing kubernetes-client (kubectl) for the manifest tests"; \
+	  (apt-get update -qq && apt-get install -y -qq kubernetes-client) >/dev/null || \
+	  echo "WARNING: no kubectl (apt-get install kubernetes-client): tests/test_k8s.py will fail"; }
 	touch $@
 
 # The load generator's own venv: locust cannot share one with tritonclient[http] 2.51.

@@ -26,6 +26,12 @@ REPOSITORY_ENV = "SAMTRITON_MODEL_REPOSITORY"
 CACHE_ENV = "SAMTRITON_ENGINE_CACHE"
 WORK_ENV = "SAMTRITON_WORK_DIR"
 TRITON_HOME = Path("/opt/tritonserver")
+# Every setting the entrypoint reads (docker/README.md; the Kubernetes test
+# checks the Deployment sets no other).
+ENV_VARS = (
+    REPOSITORY_ENV, CACHE_ENV, WORK_ENV, "SAMTRITON_FP32", "SAMTRITON_ADMIN_KEY", "SAMTRITON_CACHE_SIZE_MB",
+    "SAMTRITON_HTTP_PORT", "SAMTRITON_GRPC_PORT", "SAMTRITON_METRICS_PORT", "SAMTRITON_TRITON_HOME",
+)
 
 
 def link_tree(source: Path, target: Path) -> None:
