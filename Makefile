@@ -17,7 +17,7 @@ LOAD_USERS ?= 16
 LOAD_TIME ?= 2m
 P95_BOUND_MS ?= 60000
 
-.PHONY: setup load-setup repository serve demo test bench perf-sweep load clean
+.PHONY: setup load-setup repository serve demo test soak bench perf-sweep load clean
 
 setup: $(VENV)/.setup-done load-setup
 
@@ -77,6 +77,14 @@ demo: repository
 
 test: setup
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# The soak test of `make test` (60 s at saturation) for SOAK_SECONDS, with its
+# failure, memory-growth and /dev/shm checks; prints the figures.
+SOAK_SECONDS ?= 900
+SOAK_MAX_RSS_GROWTH_MB ?= 300
+soak: setup
+	SAMTRITON_SOAK_SECONDS=$(SOAK_SECONDS) SAMTRITON_SOAK_MAX_RSS_GROWTH_MB=$(SOAK_MAX_RSS_GROWTH_MB) \
+	  $(VENV)/bin/pytest -s --timeout=$$(( $(SOAK_SECONDS) + 900 )) tests/test_reliability.py -k soak
 
 # Batched vs one-by-one, serving overhead, where the time goes (about 5 minutes on 2 CPU cores).
 bench: repository

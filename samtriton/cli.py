@@ -68,6 +68,8 @@ def serving_options(args):
                                        else tuple(args.encoder_preferred_batch_sizes)),
         decoder_max_batch_size=args.decoder_max_batch_size,
         decoder_queue_delay_us=args.decoder_queue_delay_us,
+        encoder_max_queue_size=args.encoder_max_queue_size,
+        decoder_max_queue_size=args.decoder_max_queue_size,
         intra_op_threads=args.intra_op_threads,
         limits=Limits(max_image_bytes=args.max_image_bytes, max_pixels=args.max_pixels, max_boxes=args.max_boxes),
     )
@@ -331,6 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests per decoder call (ragged batching); default "
                         f"{defaults.decoder_max_batch_size} (cpu), {gpu.decoder_max_batch_size} (gpu)")
     p.add_argument("--decoder-queue-delay-us", type=int)
+    p.add_argument("--encoder-max-queue-size", type=int,
+                   help="requests waiting for the encoder beyond this are refused with UNAVAILABLE (0: unbounded); "
+                        f"default {defaults.encoder_max_queue_size} (cpu), {gpu.encoder_max_queue_size} (gpu)")
+    p.add_argument("--decoder-max-queue-size", type=int,
+                   help=f"the same for the decoder; default {defaults.decoder_max_queue_size} (cpu), "
+                        f"{gpu.decoder_max_queue_size} (gpu)")
     p.add_argument("--intra-op-threads", type=int, default=defaults.intra_op_threads,
                    help="ONNX Runtime threads per model instance (0: all cores)")
     p.add_argument("--max-image-bytes", type=int, default=defaults.limits.max_image_bytes)

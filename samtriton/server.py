@@ -27,6 +27,7 @@ from samtriton import spec
 
 TRITON_VERSION = "2.51.0"  # the server inside nvidia-pytriton 0.7.0; tritonclient is pinned to match
 EXIT_TIMEOUT_S = 30
+UNREADY_EXIT_CODE = 3
 # Python-backend shared memory: one region per model instance, grown in steps;
 # an encoder input is 12 MB, a request's full-size masks can be tens of MB.
 SHM_DEFAULT_BYTES = 16 * 1024 * 1024
@@ -95,6 +96,11 @@ class ServerOptions:
     # An installed Triton tree (bin/, backends/, caches/), e.g. /opt/tritonserver
     # in the NGC image; None: the one the nvidia-pytriton wheel carries.
     triton_home: Path | None = None
+    # `run_foreground` stops the server and exits UNREADY_EXIT_CODE when one of
+    # its python stubs dies, or when it has been ready and then stays not ready
+    # this long (0: neither).  Triton 2.51 restarts neither, so only a restart
+    # from outside (systemd, Kubernetes) brings the service back.
+    unready_exit_s: float = 15.0
 
 
 def server_command(opts: ServerOptions, home: Path | None = None) -> list[str]:
@@ -199,6 +205,70 @@ def drain(http_port: int, timeout_s: float, settle_s: float = 1.0, poll_s: float
     return False
 
 
+def python_stubs(server_pid: int) -> dict[int, str]:
+    """pid -> model instance folder of the python backend stubs the server started."""
+    stubs = {}
+    children = set()
+    # A child belongs to the thread that started it: read every thread's list.
+    for task in Path(f"/proc/{server_pid}/task").glob("*"):
+        try:
+            children.update(int(c) for c in (task / "children").read_text().split())
+        except OSError:
+            continue
+    for pid in sorted(children):
+        try:
+            args = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if args and args[0].endswith(b"triton_python_backend_stub") and len(args) > 1:
+            stubs[pid] = Path(args[1].decode(errors="replace")).parent.parent.name
+    return stubs
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+class Watchdog:
+    """What `run_foreground` watches once the server has been ready.
+
+    Measured with Triton 2.51: a python stub that dies (killed, OOM) is not
+    restarted, yet the model and the server keep answering READY while every
+    request to that model fails with "Stub process ... is not healthy".  So
+    the stubs themselves are watched; a model that goes NOT READY is caught by
+    the readiness check.  Either way the server is beyond repair from inside.
+    """
+
+    def __init__(self, server_pid: int, opts: ServerOptions, period_s: float = 2.0):
+        self.server_pid, self.opts, self.period_s = server_pid, opts, period_s
+        self.stubs: dict[int, str] = {}
+        self.was_ready, self.unready_since, self.next_check = False, None, time.monotonic()
+
+    def check(self) -> str | None:
+        now = time.monotonic()
+        if self.opts.unready_exit_s <= 0 or now < self.next_check:
+            return None
+        self.next_check = now + self.period_s
+        if self.was_ready:
+            dead = [f"{model} (pid {pid})" for pid, model in self.stubs.items() if not _alive(pid)]
+            if dead:
+                return (f"python stub of {', '.join(dead)} died; Triton 2.51 does not restart it and keeps "
+                        "reporting READY while that model's requests fail")
+        if is_ready(self.opts.http_port, timeout=5.0):
+            if not self.was_ready:
+                self.stubs = python_stubs(self.server_pid)
+            self.was_ready, self.unready_since = True, None
+        elif self.was_ready:
+            self.unready_since = self.unready_since or now
+            if now - self.unready_since >= self.opts.unready_exit_s:
+                return f"the server has not been ready for {self.opts.unready_exit_s:.0f} s"
+        return None
+
+
 def run_foreground(opts: ServerOptions, log=lambda msg: print(f"samtriton: {msg}", file=sys.stderr)) -> int:
     """Run tritonserver until it exits or SIGINT/SIGTERM arrives.
 
@@ -217,8 +287,14 @@ def run_foreground(opts: ServerOptions, log=lambda msg: print(f"samtriton: {msg}
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
+    watchdog = Watchdog(proc.pid, opts)
     while proc.poll() is None and not signals:
         time.sleep(0.2)
+        problem = watchdog.check()
+        if problem and not signals:
+            log(f"{problem}: stopping, exit code {UNREADY_EXIT_CODE}, so that a supervisor restarts the server")
+            stop(proc)
+            return UNREADY_EXIT_CODE
     if proc.poll() is None:
         log(f"{signal.Signals(signals[0]).name}: finishing in-flight requests")
         if not drain(opts.http_port, timeout_s=opts.exit_timeout_s):

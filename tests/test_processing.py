@@ -191,3 +191,13 @@ def test_efficientvit_l0_preprocess_matches_its_predictor(h, w):
     np.testing.assert_allclose(ours.pixel_values, pixels, atol=2e-5)
     assert (ours.geometry.input_h, ours.geometry.input_w) == tuple(predictor.input_size)
     np.testing.assert_allclose(ours.model_boxes, predictor.apply_boxes(boxes), rtol=1e-6, atol=1e-4)
+
+
+def test_16_bit_grayscale_is_scaled_not_clipped():
+    wide = (np.arange(256, dtype=np.uint16).reshape(16, 16) * 257)
+    buf = io.BytesIO()
+    Image.fromarray(wide).save(buf, format="PNG")
+    rgb = decode_image(buf.getvalue())
+    assert rgb.shape == (16, 16, 3)
+    np.testing.assert_array_equal(rgb[..., 0], (wide >> 8).astype(np.uint8))
+    np.testing.assert_array_equal(rgb[..., 0], rgb[..., 2])

@@ -38,6 +38,12 @@ class ServingOptions:
     decoder_max_batch_size: int = 16
     decoder_queue_delay_us: int = 2000
     decoder_instances: int = 1
+    # Backpressure: requests beyond these queue lengths are refused at once
+    # with UNAVAILABLE ("Exceeds maximum queue size") instead of piling up;
+    # 0 lets the queues grow without bound.  CPU: 32 images is ~30 s of encoder
+    # work on 2 cores.
+    encoder_max_queue_size: int = 32
+    decoder_max_queue_size: int = 64
     preprocess_instances: int = 2
     postprocess_instances: int = 2
     # 0 lets ONNX Runtime use every core; set it when several instances share a host.
@@ -64,7 +70,7 @@ class ServingOptions:
         if target == "gpu":
             base.update(encoder_max_batch_size=8, encoder_queue_delay_us=1000, encoder_preferred_batch_sizes=(4, 8),
                         decoder_max_batch_size=4, decoder_queue_delay_us=500, preprocess_instances=4,
-                        postprocess_instances=4)
+                        postprocess_instances=4, encoder_max_queue_size=128, decoder_max_queue_size=128)
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
 
@@ -194,6 +200,9 @@ def variant_configs(variant: ModelVariant, weights: WeightsInfo, options: Servin
     enc.dynamic_batching.preferred_batch_size.extend(options.encoder_preferred_batch_sizes)
     enc.response_cache.enable = options.encoder_response_cache
     dec.dynamic_batching.max_queue_delay_microseconds = options.decoder_queue_delay_us
+    for cfg, size in ((enc, options.encoder_max_queue_size), (dec, options.decoder_max_queue_size)):
+        if size > 0:
+            cfg.dynamic_batching.default_queue_policy.max_queue_size = size
 
     ensembles = [_ensemble(names.of(role), role, names, variant, weights)
                  for role in (spec.ENSEMBLE, spec.ENCODE_ENSEMBLE)]

@@ -5,6 +5,7 @@ from samtriton.client.errors import (
     InvalidInputError,
     ModelNotFoundError,
     SamTritonError,
+    ServerBusyError,
     ServerUnavailableError,
 )
 from samtriton.client.async_client import AsyncSamClient
@@ -20,6 +21,7 @@ __all__ = [
     "SamTritonError",
     "InvalidInputError",
     "ServerUnavailableError",
+    "ServerBusyError",
     "ModelNotFoundError",
     "InferenceFailedError",
 ]

@@ -21,6 +21,11 @@ class ServerUnavailableError(SamTritonError, ConnectionError):
     """No server answered, or it answered UNAVAILABLE (overloaded, shutting down)."""
 
 
+class ServerBusyError(ServerUnavailableError):
+    """The server refused the request because a queue was full (backpressure):
+    retry later, with backoff, or send to another replica."""
+
+
 class ModelNotFoundError(SamTritonError, LookupError):
     """The server does not serve the model asked for."""
 
@@ -45,6 +50,8 @@ def from_triton(exc: Exception) -> SamTritonError:
     message = getattr(exc, "message", lambda: str(exc))() or str(exc)
     if status in ("StatusCode.INVALID_ARGUMENT", "400"):
         return InvalidInputError(message, field_of(message))
+    if "exceeds maximum queue size" in message.lower():
+        return ServerBusyError(message)
     if status in ("StatusCode.UNAVAILABLE", "503") or "failed to connect" in message.lower():
         return ServerUnavailableError(message)
     if status in ("StatusCode.NOT_FOUND", "404") or "unknown model" in message.lower():

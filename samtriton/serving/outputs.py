@@ -26,8 +26,11 @@ def requested_outputs(parameters_json: str | None) -> frozenset[str]:
         return frozenset(ALL_OUTPUTS)
     if not isinstance(value, str):
         raise InvalidInput(field, f"expected a comma-separated string of output names, got {value!r}")
-    names = {v.strip() for v in value.split(",") if v.strip()}
+    parts = [v.strip() for v in value.split(",")]
+    if not all(parts):
+        raise InvalidInput(field, f"{value!r} has an empty name; expected e.g. 'scores,masks_rle'")
+    names = set(parts)
     unknown = names - set(ALL_OUTPUTS)
-    if unknown or not names:
+    if unknown:
         raise InvalidInput(field, f"unknown output(s) {sorted(unknown) or value!r}; valid: {', '.join(ALL_OUTPUTS)}")
     return frozenset(names)

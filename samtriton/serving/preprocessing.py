@@ -25,6 +25,8 @@ from samtriton.serving.errors import InvalidInput
 from samtriton.spec import PROMPT_SIZE
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")
+# Pillow's modes for 16-bit grayscale (PNG opens as I;16, some builds as I).
+_WIDE_GRAY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,11 @@ def decode_image(data: bytes, limits: Limits = Limits()) -> np.ndarray:
     try:
         img.load()
         img = ImageOps.exif_transpose(img)
+        if img.mode in _WIDE_GRAY_MODES:
+            # 16-bit grayscale: PIL's convert() clips values above 255 (an
+            # almost white image); scale to 8 bits as OpenCV's imread does.
+            wide = np.asarray(img, dtype=np.uint32)
+            img = Image.fromarray(np.clip(wide >> 8, 0, 255).astype(np.uint8), mode="L")
         if img.mode != "RGB":
             # Palette images with a transparent index go through RGBA so PIL
             # does not warn; the alpha channel is then dropped, as the

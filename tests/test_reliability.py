@@ -1,0 +1,233 @@
+"""Reliability, measured on a real tritonserver: backpressure under a burst, a
+soak at saturation (failures, memory, /dev/shm), and a crashed python stub.
+
+A dedicated server runs the default variant of the test repository with small
+queues (so that a burst overflows them in seconds); the stub-crash test kills
+one of its python stubs, so it runs last on its own server.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from samtriton import server, spec
+from samtriton.build.configs import ServingOptions, WeightsInfo, model_configs
+from samtriton.build.repository import write_configs
+from samtriton.client import InferenceFailedError, SamClient, ServerBusyError
+from samtriton.sample_image import sample_scene
+from samtriton.variants import get_variant
+from tests.conftest import SAMTRITON, encode, random_boxes
+
+pytestmark = pytest.mark.integration
+
+SOAK_SECONDS = float(os.environ.get("SAMTRITON_SOAK_SECONDS", "60"))
+# RSS growth allowed over the soak, after warm-up, for the server and its stubs together.
+MAX_RSS_GROWTH_MB = float(os.environ.get("SAMTRITON_SOAK_MAX_RSS_GROWTH_MB", "150"))
+NAMES = spec.model_names("mobilesam")
+
+
+@pytest.fixture(scope="module")
+def small_queue_repository(built_repository, tmp_path_factory) -> Path:
+    """The default variant of the test repository, with an encoder that takes
+    one image per call and queues at most 2 (configs regenerated, ONNX reused)."""
+    source, _ = built_repository
+    repo = tmp_path_factory.mktemp("small_queue") / "repo"
+    variant = get_variant("mobilesam")
+    options = ServingOptions(encoder_max_batch_size=1, encoder_max_queue_size=2, encoder_response_cache=False)
+    configs = model_configs([variant], {variant.name: WeightsInfo("test", random=True)}, options)
+    for name in configs:
+        shutil.copytree(source / name, repo / name)
+    write_configs(repo, configs)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def small_queue_server(small_queue_repository, tmp_path_factory):
+    ports = server.free_ports(3)
+    log = tmp_path_factory.mktemp("sq") / "server.log"
+    with open(log, "wb") as f:
+        proc = server.start(server.ServerOptions(small_queue_repository, *ports, cache_bytes=0), stdout=f, stderr=f)
+    try:
+        server.wait_ready(proc, ports[0])
+    except Exception:
+        server.stop(proc)
+        pytest.fail(log.read_text()[-3000:])
+    yield ports, proc
+    server.stop(proc)
+
+
+def _new_image(seed: int) -> tuple[bytes, np.ndarray]:
+    scene, _ = sample_scene(480, 320, seed=seed)
+    return encode(scene, "JPEG", quality=85), random_boxes(np.random.default_rng(seed), 2, 480, 320)
+
+
+def test_burst_beyond_the_queue_is_refused_fast(small_queue_server):
+    (http, grpc, _), _ = small_queue_server
+    requests = [_new_image(1000 + i) for i in range(12)]
+
+    def one(req):
+        started = time.perf_counter()
+        try:
+            with SamClient(f"127.0.0.1:{grpc}") as client:
+                client.segment(*req)
+            return "ok", time.perf_counter() - started
+        except ServerBusyError:
+            return "busy", time.perf_counter() - started
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        outcomes = list(pool.map(one, requests))
+    ok = [t for o, t in outcomes if o == "ok"]
+    busy = [t for o, t in outcomes if o == "busy"]
+    print(f"\nburst of {len(requests)}: {len(ok)} served (max {max(ok):.1f} s), {len(busy)} refused "
+          f"UNAVAILABLE (max {max(busy or [0]):.2f} s)")
+    assert busy and ok
+    # Refusals come at once, not after waiting behind the queue.
+    assert max(busy) < min(5.0, max(ok))
+    assert server.is_ready(http)
+    with SamClient(f"127.0.0.1:{grpc}") as client:  # and it serves again
+        assert len(client.segment(*_new_image(7)).scores) == 2
+
+
+def _rss_mb(pid: int) -> float:
+    """RSS of `pid` and its descendants (the python stubs), in MB."""
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for line in open(f"/proc/{p}/status"):
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) / 1024
+            todo.extend(int(c) for c in open(f"/proc/{p}/task/{p}/children").read().split())
+        except OSError:
+            continue
+    return total
+
+
+def _triton_shm() -> set[str]:
+    return {p.name for p in Path("/dev/shm").iterdir() if "triton_python_backend" in p.name}
+
+
+def test_soak_at_saturation(small_queue_repository, tmp_path):
+    """Clients at the server's capacity for SAMTRITON_SOAK_SECONDS (60 in CI; `make
+    soak` runs longer): no failed or hung request, bounded memory, /dev/shm clean."""
+    shm_before = _triton_shm()
+    ports = server.free_ports(3)
+    with open(tmp_path / "server.log", "wb") as f:
+        proc = server.start(server.ServerOptions(small_queue_repository, *ports, cache_bytes=0), stdout=f, stderr=f)
+    try:
+        server.wait_ready(proc, ports[0])
+        images = [_new_image(2000 + i) for i in range(6)]
+        counts = {"ok": 0, "busy": 0, "failed": 0}
+        # Two clients keep the encoder (one image per call, queue of 2) saturated
+        # without overflowing it; a third sends at the limit now and then.
+        with SamClient(f"127.0.0.1:{ports[1]}", timeout_s=120) as warm:
+            for req in images[:2]:
+                warm.segment(*req)
+        rss_start, rss_peak = _rss_mb(proc.pid), 0.0
+        deadline = time.monotonic() + SOAK_SECONDS
+
+        def client_loop(k):
+            i = k
+            with SamClient(f"127.0.0.1:{ports[1]}", timeout_s=120) as client:
+                while time.monotonic() < deadline:
+                    try:
+                        result = client.segment(*images[i % len(images)])
+                        counts["ok" if len(result.scores) == 2 else "failed"] += 1
+                    except ServerBusyError:
+                        counts["busy"] += 1
+                        time.sleep(0.2)
+                    except Exception:
+                        counts["failed"] += 1
+                    i += 3
+
+        with ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(client_loop, k) for k in range(3)]
+            while any(not f.done() for f in futures):
+                rss_peak = max(rss_peak, _rss_mb(proc.pid))
+                time.sleep(1.0)
+            for f in futures:
+                f.result(timeout=150)  # a hung request would fail here
+        rss_end = _rss_mb(proc.pid)
+        print(f"\nsoak {SOAK_SECONDS:.0f} s: {counts}; RSS server+stubs {rss_start:.0f} -> {rss_end:.0f} MB "
+              f"(peak {rss_peak:.0f} MB)")
+        assert counts["failed"] == 0 and counts["ok"] > 0
+        assert rss_end - rss_start < MAX_RSS_GROWTH_MB
+        assert server.is_ready(ports[0])
+    finally:
+        server.stop(proc)
+    # The python backend's shared-memory regions are gone with the server.
+    leftover = _triton_shm() - shm_before
+    assert not leftover, leftover
+
+
+def test_killed_stub_makes_serve_exit_for_a_restart(small_queue_repository, tmp_path):
+    """Measured with Triton 2.51: a python stub killed with SIGKILL is not restarted,
+    the server and the model keep answering READY, and every request that needs
+    that model fails with "Stub process ... is not healthy" (INTERNAL).
+    `samtriton serve` watches its stubs and exits non-zero, so a supervisor
+    (systemd, Kubernetes) restarts the whole server."""
+    http, grpc, metrics = server.free_ports(3)
+    proc = subprocess.Popen(
+        [*SAMTRITON, "serve", "--model-repository", str(small_queue_repository), "--http-port", str(http),
+         "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--cache-size-mb", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        server.wait_ready(proc, http)
+        time.sleep(3)  # the watchdog records the stubs once the server is ready
+        stubs = [pid for pid, model in server.python_stubs(_server_pid(proc.pid)).items()
+                 if model == NAMES.image_encoder]
+        assert stubs, "no python stub found for the image encoder"
+        os.kill(stubs[0], signal.SIGKILL)
+        killed_at = time.monotonic()
+        code = proc.wait(timeout=60)
+        output = proc.stdout.read()
+        print(f"\nsamtriton serve exited {code} {time.monotonic() - killed_at:.1f} s after the kill")
+        assert code == server.UNREADY_EXIT_CODE, output[-3000:]
+        assert f"python stub of {NAMES.image_encoder}" in output
+        assert not server.is_ready(http)  # and the server is gone, not left half-working
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=60)
+
+
+def _server_pid(serve_pid: int) -> int:
+    """The tritonserver started by `samtriton serve` (its child)."""
+    for task in Path(f"/proc/{serve_pid}/task").glob("*"):
+        for child in (task / "children").read_text().split():
+            if open(f"/proc/{child}/cmdline", "rb").read().split(b"\0")[0].endswith(b"tritonserver"):
+                return int(child)
+    raise AssertionError("no tritonserver child")
+
+
+def test_without_the_watchdog_a_dead_stub_fails_requests_but_looks_ready(small_queue_repository, tmp_path):
+    """The Triton 2.51 behaviour the watchdog exists for, measured: after the
+    kill, READY and LIVE stay 200 and requests fail INTERNAL, for good."""
+    ports = server.free_ports(3)
+    with open(tmp_path / "server.log", "wb") as f:
+        proc = server.start(server.ServerOptions(small_queue_repository, *ports, cache_bytes=0), stdout=f, stderr=f)
+    try:
+        server.wait_ready(proc, ports[0])
+        (stub,) = [pid for pid, model in server.python_stubs(proc.pid).items() if model == NAMES.image_encoder]
+        os.kill(stub, signal.SIGKILL)
+        time.sleep(2)
+        for _ in range(2):
+            with pytest.raises(InferenceFailedError, match="not healthy"):
+                with SamClient(f"127.0.0.1:{ports[1]}") as client:
+                    client.segment(*_new_image(9))
+        assert server.is_ready(ports[0])
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/v2/health/live", timeout=5) as r:
+            assert r.status == 200
+        assert not any(model == NAMES.image_encoder for model in server.python_stubs(proc.pid).values())
+    finally:
+        server.stop(proc)
