@@ -31,6 +31,7 @@ TRITON_HOME = Path("/opt/tritonserver")
 ENV_VARS = (
     REPOSITORY_ENV, CACHE_ENV, WORK_ENV, "SAMTRITON_FP32", "SAMTRITON_ADMIN_KEY", "SAMTRITON_CACHE_SIZE_MB",
     "SAMTRITON_HTTP_PORT", "SAMTRITON_GRPC_PORT", "SAMTRITON_METRICS_PORT", "SAMTRITON_TRITON_HOME",
+    "SAMTRITON_HTTP_MAX_INPUT_MB",
 )
 
 
@@ -54,6 +55,8 @@ def options_from_env(repository: Path, env=os.environ) -> server.ServerOptions:
         metrics_port=int(env.get("SAMTRITON_METRICS_PORT", "8002")),
         cache_bytes=int(float(env.get("SAMTRITON_CACHE_SIZE_MB", "1024")) * 1024 * 1024),
         triton_home=Path(env.get("SAMTRITON_TRITON_HOME", str(TRITON_HOME))),
+        # An encoded image (the preprocess refuses more than 32 MiB) and its boxes.
+        http_max_input_bytes=int(float(env.get("SAMTRITON_HTTP_MAX_INPUT_MB", "40")) * 1024 * 1024),
         **({"admin_header": f"samtriton-admin-key:{admin}"} if admin else {}),
     )
 

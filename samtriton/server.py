@@ -10,14 +10,15 @@ installed.
 from __future__ import annotations
 
 import ctypes
-import json
 import os
+import re
 import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -101,6 +102,14 @@ class ServerOptions:
     # this long (0: neither).  Triton 2.51 restarts neither, so only a restart
     # from outside (systemd, Kubernetes) brings the service back.
     unready_exit_s: float = 15.0
+    # --http-max-input-size (bytes): Triton 2.51 (the embedded server) has no
+    # such flag and caps HTTP input at 64 MiB; newer releases (the NGC image)
+    # take it, and the container sets it.
+    http_max_input_bytes: int | None = None
+    # While this file exists the preprocess refuses new requests (see
+    # `run_foreground`); one per launch.
+    drain_file: Path = field(default_factory=lambda: Path(tempfile.gettempdir())
+                             / f"samtriton-drain-{secrets.token_hex(8)}")
 
 
 def server_command(opts: ServerOptions, home: Path | None = None) -> list[str]:
@@ -125,6 +134,7 @@ def server_command(opts: ServerOptions, home: Path | None = None) -> list[str]:
         f"--backend-config=python,shm-default-byte-size={SHM_DEFAULT_BYTES}",
         f"--backend-config=python,shm-growth-byte-size={SHM_GROWTH_BYTES}",
         *([f"--cache-config=local,size={opts.cache_bytes}"] if opts.cache_bytes > 0 else []),
+        *([f"--http-max-input-size={opts.http_max_input_bytes}"] if opts.http_max_input_bytes else []),
         f"--log-verbose={opts.log_verbose}",
         *opts.extra_args,
     ]
@@ -138,9 +148,12 @@ def _die_with_parent():
 
 
 def start(opts: ServerOptions, stdout=None, stderr=None) -> subprocess.Popen:
+    env = dict(os.environ) if opts.triton_home else server_env()
+    env[spec.DRAIN_FILE_ENV] = str(opts.drain_file)  # the python stubs inherit it
+    opts.drain_file.unlink(missing_ok=True)
     return subprocess.Popen(
         server_command(opts),
-        env=dict(os.environ) if opts.triton_home else server_env(),
+        env=env,
         stdout=stdout,
         stderr=stderr,
         preexec_fn=_die_with_parent,
@@ -148,51 +161,63 @@ def start(opts: ServerOptions, stdout=None, stderr=None) -> subprocess.Popen:
     )
 
 
-def in_flight_from_stats(stats: dict) -> tuple[int, tuple[int, ...]]:
-    """Requests inside the ensembles, from Triton's /v2/models/stats JSON, and
+_SAMPLE = re.compile(r'^(\w+)\{([^}]*)\}\s+([0-9.eE+-]+)$')
+_MODEL_LABEL = re.compile(r'model="([^"]*)"')
+
+
+def in_flight_from_metrics(text: str) -> tuple[int, tuple[int, ...]]:
+    """Requests inside the ensembles, from Triton's Prometheus metrics text, and
     the counters it was computed from.
 
-    Triton 2.51 keeps no in-flight count for ensembles (their pending count
-    stays 0), so it is derived from the steps: requests that got through
-    preprocess, less those that finished since: in the postprocess (`sam`),
-    as a successful `sam_encode` (which ends at the encoder), or failed in a
-    middle step.  A request still inside preprocess is not counted; callers
-    compare the counters over a short interval to see it.
+    Triton 2.51 keeps no in-flight count for ensembles, and records a python
+    model's per-request error responses as successes, so: requests that got
+    through a preprocess (its successes less its own error responses, from
+    samtriton's counter) less those that ended since: in the postprocess, as a
+    successful `sam_encode*` (which ends at the encoder), or with an error in
+    an encoder or decoder (Triton's failures, e.g. queue-full rejections, and
+    the python models' error responses).  A request still inside the
+    preprocess is not counted; callers watch the counters over a short interval.
     """
-    by_role: dict[str, list[dict]] = {}
-    for m in stats.get("model_stats", []):
-        by_role.setdefault(spec.role_of(m["name"]), []).append(m.get("inference_stats", {}))
+    totals: dict[tuple[str, str], float] = {}
+    for line in text.splitlines():
+        match = _SAMPLE.match(line.strip())
+        if not match:
+            continue
+        name, labels, value = match.groups()
+        model = _MODEL_LABEL.search(labels)
+        if model is None:
+            continue
+        key = (name, spec.role_of(model.group(1)) or "")
+        totals[key] = totals.get(key, 0.0) + float(value)
 
-    def count(role: str, kind: str) -> int:
-        # Summed over the variants: a repository may hold several.
-        return sum(int(s.get(kind, {}).get("count", 0)) for s in by_role.get(role, []))
+    def count(metric: str, role: str) -> int:
+        return int(totals.get((metric, role), 0))
 
-    entered = count(spec.PREPROCESS, "success")
+    ok, failed, errors = "nv_inference_request_success", "nv_inference_request_failure", spec.REQUEST_ERRORS_METRIC
+    entered = count(ok, spec.PREPROCESS) - count(errors, spec.PREPROCESS)
     finished = (
-        count(spec.POSTPROCESS, "success")
-        + count(spec.POSTPROCESS, "fail")
-        + count(spec.ENCODE_ENSEMBLE, "success")
-        + count(spec.IMAGE_ENCODER, "fail")
-        + count(spec.MASK_DECODER, "fail")
+        count(ok, spec.POSTPROCESS) + count(failed, spec.POSTPROCESS)
+        + count(ok, spec.ENCODE_ENSEMBLE)
+        + sum(count(failed, role) + count(errors, role) for role in (spec.IMAGE_ENCODER, spec.MASK_DECODER))
     )
-    return entered - finished, (entered, count(spec.PREPROCESS, "fail"), finished)
+    return max(0, entered - finished), (entered, finished, count(ok, spec.ENSEMBLE), count(failed, spec.ENSEMBLE))
 
 
-def ensemble_in_flight(http_port: int, host: str = "127.0.0.1") -> tuple[int, tuple[int, ...]]:
-    with urllib.request.urlopen(f"http://{host}:{http_port}/v2/models/stats", timeout=5) as r:
-        return in_flight_from_stats(json.load(r))
+def ensemble_in_flight(metrics_port: int, host: str = "127.0.0.1") -> tuple[int, tuple[int, ...]]:
+    with urllib.request.urlopen(f"http://{host}:{metrics_port}/metrics", timeout=5) as r:
+        return in_flight_from_metrics(r.read().decode())
 
 
-def drain(http_port: int, timeout_s: float, settle_s: float = 1.0, poll_s: float = 0.1) -> bool:
+def drain(metrics_port: int, timeout_s: float, settle_s: float = 1.0, poll_s: float = 0.1) -> bool:
     """Wait until no request is in flight and the counters stay still for
     `settle_s`; False if `timeout_s` passed first."""
     deadline = time.monotonic() + timeout_s
     quiet_since, last = None, None
     while time.monotonic() < deadline:
         try:
-            busy, counters = ensemble_in_flight(http_port)
+            busy, counters = ensemble_in_flight(metrics_port)
         except (OSError, ValueError):
-            return True  # no statistics to read: the server is not serving
+            return True  # no metrics to read: the server is not serving
         now = time.monotonic()
         if busy == 0 and counters == last:
             quiet_since = quiet_since or now
@@ -272,10 +297,11 @@ class Watchdog:
 def run_foreground(opts: ServerOptions, log=lambda msg: print(f"samtriton: {msg}", file=sys.stderr)) -> int:
     """Run tritonserver until it exits or SIGINT/SIGTERM arrives.
 
-    On the first signal, in-flight ensemble requests are drained before Triton
-    is told to stop: Triton 2.51, once stopping, refuses the next step of an
-    ensemble request that is already running, so signalling it at once fails
-    them.  A second signal is passed on at once.
+    On the first signal, new requests are refused (the preprocess sees the
+    drain file and answers UNAVAILABLE) and in-flight ensemble requests are
+    drained before Triton is told to stop: Triton 2.51, once stopping, refuses
+    the next step of an ensemble request that is already running, so
+    signalling it at once fails them.  A second signal is passed on at once.
     """
     proc = start(opts)
     signals: list[int] = []
@@ -296,11 +322,16 @@ def run_foreground(opts: ServerOptions, log=lambda msg: print(f"samtriton: {msg}
             stop(proc)
             return UNREADY_EXIT_CODE
     if proc.poll() is None:
-        log(f"{signal.Signals(signals[0]).name}: finishing in-flight requests")
-        if not drain(opts.http_port, timeout_s=opts.exit_timeout_s):
-            log(f"requests still in flight after {opts.exit_timeout_s} s; stopping anyway")
-        if proc.poll() is None and len(signals) == 1:
-            proc.send_signal(signal.SIGTERM)
+        log(f"{signal.Signals(signals[0]).name}: refusing new requests, finishing those in flight")
+        opts.drain_file.touch()
+        try:
+            if not drain(opts.metrics_port, timeout_s=opts.exit_timeout_s):
+                log(f"requests still in flight after {opts.exit_timeout_s} s; stopping anyway")
+            if proc.poll() is None and len(signals) == 1:
+                proc.send_signal(signal.SIGTERM)
+            return proc.wait()
+        finally:
+            opts.drain_file.unlink(missing_ok=True)
     return proc.wait()
 
 

@@ -135,6 +135,14 @@ BOX_IMAGE_INDEX = TensorSpec("box_image_index", "TYPE_INT32", (-1,))
 BOXES_ACCUMULATED_NAME = "boxes_accumulated"
 
 
+# Counter the python models export (Triton custom metric, label `model`): the
+# error responses they sent.  Triton 2.51 counts those as successes in its own
+# statistics, so the shutdown drain needs this to know which requests ended.
+REQUEST_ERRORS_METRIC = "samtriton_request_errors_total"
+# Environment variable naming a file whose existence tells the preprocess
+# that the server is draining: new requests are refused with UNAVAILABLE.
+DRAIN_FILE_ENV = "SAMTRITON_DRAIN_FILE"
+
 PIXEL_VALUES_NAME = "pixel_values"
 IMAGE_EMBEDDINGS_NAME = "image_embeddings"
 

@@ -163,7 +163,7 @@ def test_serve_sigint_finishes_in_flight_request_then_exits(built_repository, tm
         with pytest.raises(ServerUnavailableError):
             with SamClient(f"127.0.0.1:{grpc}", timeout_s=20) as client:
                 client.segment(np.asarray(scene), boxes[:1])
-        assert b"finishing in-flight requests" in (tmp_path / "serve.log").read_bytes()
+        assert b"refusing new requests, finishing those in flight" in (tmp_path / "serve.log").read_bytes()
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -54,6 +54,7 @@ def test_container_launches_tritonserver_with_secure_flags(tmp_path):
     assert f"--exit-timeout-secs={server.EXIT_TIMEOUT_S}" in cmd
     assert f"--cache-config=local,size={512 * 1024 * 1024}" in cmd
     assert "--http-port=9000" in cmd and "--grpc-port=8001" in cmd and "--metrics-port=8002" in cmd
+    assert f"--http-max-input-size={40 * 1024 * 1024}" in cmd
 
 
 def test_working_repository_links_the_image_files(tmp_path):

@@ -132,27 +132,35 @@ def test_box_validation_messages():
 
 
 def test_shutdown_drain_counts_requests_in_the_ensembles():
-    from samtriton.server import in_flight_from_stats
+    from samtriton.server import in_flight_from_metrics
 
-    def stats(**counts):
-        models = {}
+    def metrics(**counts):
+        lines = ["# HELP nv_inference_request_success ...", "# TYPE nv_inference_request_success counter"]
         for key, n in counts.items():
-            model, kind = key.rsplit("_", 1)
-            models.setdefault(model, {})[kind] = {"count": n}
-        return {"model_stats": [{"name": m, "inference_stats": s} for m, s in models.items()]}
+            model, metric = key.split("__")
+            name = {"ok": "nv_inference_request_success", "errors": "samtriton_request_errors_total"}.get(metric)
+            if metric.startswith("failed_"):
+                name, reason = "nv_inference_request_failure", metric.split("_", 1)[1].upper()
+                lines.append(f'{name}{{model="{model}",reason="{reason}",version="1"}} {n}')
+            else:
+                lines.append(f'{name}{{model="{model}",version="1"}} {n}')
+        return "\n".join(lines)
 
-    # 5 through preprocess: 2 finished in postprocess, 1 sam_encode done, 1 failed in the encoder.
-    busy, _ = in_flight_from_stats(stats(mobilesam_preprocess_success=5, postprocess_success=2,
-                                         sam_encode_success=1, mobilesam_image_encoder_fail=1))
+    # 6 through preprocess, 1 of them refused there; 2 finished in postprocess,
+    # 1 sam_encode done, 1 rejected by the encoder's full queue: 1 in flight.
+    busy, _ = in_flight_from_metrics(metrics(
+        mobilesam_preprocess__ok=6, mobilesam_preprocess__errors=1, postprocess__ok=2,
+        sam_encode__ok=1, mobilesam_image_encoder__failed_rejected=1))
     assert busy == 1
-    idle, _ = in_flight_from_stats(stats(mobilesam_preprocess_success=3, mobilesam_preprocess_fail=4,
-                                         postprocess_success=2, sam_encode_success=1))
-    assert idle == 0
-    # Several variants: their steps and ensembles add up.
-    two, _ = in_flight_from_stats(stats(mobilesam_preprocess_success=2, vit_b_preprocess_success=3,
-                                        postprocess_success=2, sam_encode_vit_b_success=1))
+    # Error responses of the python encoder end requests too.
+    assert in_flight_from_metrics(metrics(
+        mobilesam_preprocess__ok=3, postprocess__ok=2, mobilesam_image_encoder__errors=1))[0] == 0
+    # Several variants add up; the metric families Triton lists without a model are ignored.
+    two, _ = in_flight_from_metrics(metrics(
+        mobilesam_preprocess__ok=2, vit_b_preprocess__ok=3, postprocess__ok=2, sam_encode_vit_b__ok=1)
+        + "\nnv_cpu_utilization 0.5\nnv_gpu_utilization{gpu_uuid=\"x\"} 0")
     assert two == 2
-    assert in_flight_from_stats({"model_stats": []})[0] == 0
+    assert in_flight_from_metrics("")[0] == 0
 
 
 def test_decode_names_pil_decompression_bomb():

@@ -23,7 +23,13 @@ import pytest
 from samtriton import server, spec
 from samtriton.build.configs import ServingOptions, WeightsInfo, model_configs
 from samtriton.build.repository import write_configs
-from samtriton.client import InferenceFailedError, SamClient, ServerBusyError
+from samtriton.client import (
+    InferenceFailedError,
+    InvalidInputError,
+    SamClient,
+    ServerBusyError,
+    ServerUnavailableError,
+)
 from samtriton.sample_image import sample_scene
 from samtriton.variants import get_variant
 from tests.conftest import SAMTRITON, encode, random_boxes
@@ -231,3 +237,42 @@ def test_without_the_watchdog_a_dead_stub_fails_requests_but_looks_ready(small_q
         assert not any(model == NAMES.image_encoder for model in server.python_stubs(proc.pid).values())
     finally:
         server.stop(proc)
+
+
+def test_sigterm_finishes_in_flight_refuses_new_and_exits_promptly(small_queue_repository):
+    """SIGTERM with a request in flight: it completes, a request sent during the
+    drain is refused with UNAVAILABLE, and the server exits well inside the
+    exit timeout, although bad requests (python error responses, which Triton
+    2.51 counts as successes) went before."""
+    http, grpc, metrics = server.free_ports(3)
+    proc = subprocess.Popen(
+        [*SAMTRITON, "serve", "--model-repository", str(small_queue_repository), "--http-port", str(http),
+         "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--cache-size-mb", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        server.wait_ready(proc, http)
+        with SamClient(f"127.0.0.1:{grpc}") as client:
+            for bad in (b"not an image", b""):
+                with pytest.raises(InvalidInputError):
+                    client.segment(bad, np.array([[1, 1, 9, 9]], np.float32))
+        image, _ = _new_image(31)
+        many = random_boxes(np.random.default_rng(31), 40, 480, 320)
+        with ThreadPoolExecutor(2) as pool:
+            in_flight = pool.submit(lambda: SamClient(f"127.0.0.1:{grpc}").segment(image, many))
+            time.sleep(1.0)  # inside the encoder / decoder by now
+            proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            time.sleep(0.5)
+            with pytest.raises(ServerUnavailableError, match="shutting down"):
+                SamClient(f"127.0.0.1:{grpc}").segment(*_new_image(32))
+            result = in_flight.result(timeout=120)
+        assert len(result.scores) == 40
+        code = proc.wait(timeout=server.EXIT_TIMEOUT_S + 30)
+        after_last = time.monotonic() - signalled
+        print(f"\nSIGTERM: in-flight request completed, new one refused; exit {code} {after_last:.1f} s after the signal")
+        assert code == 0
+        assert after_last < server.EXIT_TIMEOUT_S  # the drain ended on its own, not by timeout
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

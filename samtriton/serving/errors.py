@@ -1,4 +1,4 @@
-"""Errors that belong to one request and become Triton INVALID_ARG for it."""
+"""Errors that belong to one request: INVALID_ARG (bad input) or UNAVAILABLE (shutting down)."""
 
 
 class InvalidInput(ValueError):
@@ -8,3 +8,8 @@ class InvalidInput(ValueError):
         self.field = field
         self.problem = problem
         super().__init__(f"{field}: {problem}")
+
+
+class ShuttingDown(RuntimeError):
+    """The server is draining: a new request is refused (UNAVAILABLE) so that the
+    ones in flight can finish before Triton stops."""

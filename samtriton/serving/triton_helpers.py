@@ -9,7 +9,8 @@ import traceback
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from samtriton.serving.errors import InvalidInput
+from samtriton import spec
+from samtriton.serving.errors import InvalidInput, ShuttingDown
 from samtriton.serving.onnx_runtime import make_session
 
 
@@ -35,6 +36,8 @@ def input_array(request, name: str) -> np.ndarray:
 def error_response(exc: BaseException, model_name: str):
     if isinstance(exc, InvalidInput):
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
+    if isinstance(exc, ShuttingDown):
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.UNAVAILABLE))
     pb_utils.Logger.log_error(f"{model_name}: {traceback.format_exc()}")
     return pb_utils.InferenceResponse(
         error=pb_utils.TritonError(f"{model_name}: internal error: {exc}", pb_utils.TritonError.INTERNAL)
@@ -48,3 +51,22 @@ def stack(arrays: list[np.ndarray]) -> np.ndarray:
 
 def tensor(name: str, array: np.ndarray):
     return pb_utils.Tensor(name, array)
+
+
+class ErrorResponses:
+    """Builds a request's error response and counts it in REQUEST_ERRORS_METRIC
+    (Triton 2.51 records a python model's per-request errors as successes)."""
+
+    def __init__(self, args: dict):
+        self.model_name = args["model_name"]
+        # The family must outlive its metric: both are kept.
+        self._family = pb_utils.MetricFamily(
+            name=spec.REQUEST_ERRORS_METRIC,
+            description="error responses sent by samtriton's python models",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
+        self._metric = self._family.Metric(labels={"model": self.model_name})
+
+    def __call__(self, exc: BaseException):
+        self._metric.increment(1)
+        return error_response(exc, self.model_name)

@@ -9,12 +9,12 @@ import triton_python_backend_utils as pb_utils
 
 from samtriton import spec
 from samtriton.serving.onnx_runtime import encode
-from samtriton.serving.triton_helpers import error_response, input_array, onnx_session, stack, tensor
+from samtriton.serving.triton_helpers import ErrorResponses, input_array, onnx_session, stack, tensor
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.model_name = args["model_name"]
+        self.error = ErrorResponses(args)
         self.session = onnx_session(args)
 
     def execute(self, requests):
@@ -22,7 +22,7 @@ class TritonPythonModel:
             batches = [input_array(request, spec.PIXEL_VALUES_NAME) for request in requests]
             embeddings = encode(self.session, stack(batches))
         except Exception as e:
-            return [error_response(e, self.model_name) for _ in requests]
+            return [self.error(e) for _ in requests]
         responses = []
         start = 0
         for batch in batches:

@@ -15,7 +15,7 @@ from samtriton import spec
 from samtriton.serving.errors import InvalidInput
 from samtriton.serving.onnx_runtime import decode
 from samtriton.serving.triton_helpers import (
-    error_response,
+    ErrorResponses,
     input_array,
     model_parameters,
     onnx_session,
@@ -26,7 +26,7 @@ from samtriton.serving.triton_helpers import (
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.model_name = args["model_name"]
+        self.error = ErrorResponses(args)
         self.session = onnx_session(args)
         self.max_boxes = int(model_parameters(args)["max_boxes"])
 
@@ -55,7 +55,7 @@ class TritonPythonModel:
             try:
                 emb, req_boxes = self._gather(request)
             except Exception as e:
-                responses[i] = error_response(e, self.model_name)
+                responses[i] = self.error(e)
                 continue
             images, per_image = req_boxes.shape[0], req_boxes.shape[1]
             # Every box points at its own image among all stacked embeddings.
@@ -69,7 +69,7 @@ class TritonPythonModel:
                 low_res, iou = decode(self.session, stack(embeddings), stack(boxes), stack(index))
             except Exception as e:
                 for i, _, _ in members:
-                    responses[i] = error_response(e, self.model_name)
+                    responses[i] = self.error(e)
                 return responses
             start = 0
             for i, images, per_image in members:

@@ -1,25 +1,33 @@
 """Triton python model: encoded image + boxes -> encoder input, boxes in its frame, geometry.
 
 Each request is validated on its own: a bad image or bad boxes fail that
-request with INVALID_ARG naming the field, and its batch-mates go on.
+request with INVALID_ARG naming the field, and its batch-mates go on.  While
+the server drains for shutdown, new requests are refused here (UNAVAILABLE),
+the first step of every ensemble, so the ones in flight can finish.
 """
+
+import os
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from samtriton import spec
-from samtriton.serving.errors import InvalidInput
+from samtriton.serving.errors import InvalidInput, ShuttingDown
 from samtriton.serving.outputs import requested_outputs
 from samtriton.serving.preprocessing import PreprocessSettings, preprocess
-from samtriton.serving.triton_helpers import error_response, input_array, model_parameters, tensor
+from samtriton.serving.triton_helpers import ErrorResponses, input_array, model_parameters, tensor
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.model_name = args["model_name"]
+        self.error = ErrorResponses(args)
+        # Set by `samtriton serve`: while the file exists, new requests are refused.
+        self.drain_file = os.environ.get(spec.DRAIN_FILE_ENV)
         self.settings = PreprocessSettings.from_parameters(model_parameters(args))
 
     def _one(self, request):
+        if self.drain_file and os.path.exists(self.drain_file):
+            raise ShuttingDown("the server is shutting down; send the request to another replica or retry")
         # Fail a bad `outputs` parameter here, before the encoder spends seconds.
         requested_outputs(request.parameters())
         images = input_array(request, spec.IMAGE.name).reshape(-1)
@@ -41,5 +49,5 @@ class TritonPythonModel:
             try:
                 responses.append(pb_utils.InferenceResponse(output_tensors=self._one(request)))
             except Exception as e:  # one response per request, whatever happens
-                responses.append(error_response(e, self.model_name))
+                responses.append(self.error(e))
         return responses

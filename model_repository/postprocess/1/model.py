@@ -14,12 +14,12 @@ from samtriton import spec
 from samtriton.serving.outputs import requested_outputs
 from samtriton.serving.postprocessing import encode_rle, masks_from_logits
 from samtriton.serving.preprocessing import Geometry
-from samtriton.serving.triton_helpers import error_response, input_array, tensor
+from samtriton.serving.triton_helpers import ErrorResponses, input_array, tensor
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.model_name = args["model_name"]
+        self.error = ErrorResponses(args)
 
     def _one(self, request):
         wanted = requested_outputs(request.parameters())
@@ -44,5 +44,5 @@ class TritonPythonModel:
             try:
                 responses.append(pb_utils.InferenceResponse(output_tensors=self._one(request)))
             except Exception as e:
-                responses.append(error_response(e, self.model_name))
+                responses.append(self.error(e))
         return responses
