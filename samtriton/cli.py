@@ -70,6 +70,7 @@ def serving_options(args):
         decoder_queue_delay_us=args.decoder_queue_delay_us,
         encoder_max_queue_size=args.encoder_max_queue_size,
         decoder_max_queue_size=args.decoder_max_queue_size,
+        queue_timeout_s=args.queue_timeout_s,
         intra_op_threads=args.intra_op_threads,
         limits=Limits(max_image_bytes=args.max_image_bytes, max_pixels=args.max_pixels, max_boxes=args.max_boxes),
     )
@@ -336,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder-max-queue-size", type=int,
                    help="requests waiting for the encoder beyond this are refused with UNAVAILABLE (0: unbounded); "
                         f"default {defaults.encoder_max_queue_size} (cpu), {gpu.encoder_max_queue_size} (gpu)")
+    p.add_argument("--queue-timeout-s", type=float,
+                   help="a request queued longer than this is refused with UNAVAILABLE (0: never); default "
+                        f"{defaults.queue_timeout_s:g} (cpu), {gpu.queue_timeout_s:g} (gpu)")
     p.add_argument("--decoder-max-queue-size", type=int,
                    help=f"the same for the decoder; default {defaults.decoder_max_queue_size} (cpu), "
                         f"{gpu.decoder_max_queue_size} (gpu)")

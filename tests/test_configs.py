@@ -174,3 +174,17 @@ def test_default_must_be_built_and_variants_unique():
         model_configs([VARIANT], {VARIANT.name: TEMPLATE_WEIGHTS}, ServingOptions(), default="sam-vit-b")
     with pytest.raises(ValueError, match="twice"):
         model_configs([VARIANT, VARIANT], {VARIANT.name: TEMPLATE_WEIGHTS}, ServingOptions())
+
+
+def test_backpressure_settings_reach_the_batched_models():
+    cfgs = model_configs([VARIANT], {VARIANT.name: TEMPLATE_WEIGHTS},
+                         ServingOptions(encoder_max_queue_size=5, decoder_max_queue_size=7, queue_timeout_s=2.5))
+    enc = cfgs[NAMES.image_encoder].dynamic_batching.default_queue_policy
+    dec = cfgs[NAMES.mask_decoder].dynamic_batching.default_queue_policy
+    assert (enc.max_queue_size, dec.max_queue_size) == (5, 7)
+    for policy in (enc, dec):
+        assert policy.timeout_action == mc.ModelQueuePolicy.REJECT
+        assert policy.default_timeout_microseconds == 2_500_000 and policy.allow_timeout_override
+    unbounded = model_configs([VARIANT], {VARIANT.name: TEMPLATE_WEIGHTS},
+                              ServingOptions(encoder_max_queue_size=0, queue_timeout_s=0))
+    assert not unbounded[NAMES.image_encoder].dynamic_batching.HasField("default_queue_policy")

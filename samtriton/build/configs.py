@@ -44,6 +44,10 @@ class ServingOptions:
     # work on 2 cores.
     encoder_max_queue_size: int = 32
     decoder_max_queue_size: int = 64
+    # A request that waits longer than this in a queue is refused (UNAVAILABLE)
+    # rather than served after its client gave up; clients may ask for less
+    # with a request timeout.  0: no limit.
+    queue_timeout_s: float = 60.0
     preprocess_instances: int = 2
     postprocess_instances: int = 2
     # 0 lets ONNX Runtime use every core; set it when several instances share a host.
@@ -70,7 +74,8 @@ class ServingOptions:
         if target == "gpu":
             base.update(encoder_max_batch_size=8, encoder_queue_delay_us=1000, encoder_preferred_batch_sizes=(4, 8),
                         decoder_max_batch_size=4, decoder_queue_delay_us=500, preprocess_instances=4,
-                        postprocess_instances=4, encoder_max_queue_size=128, decoder_max_queue_size=128)
+                        postprocess_instances=4, encoder_max_queue_size=128, decoder_max_queue_size=128,
+                        queue_timeout_s=10.0)
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
 
@@ -201,8 +206,13 @@ def variant_configs(variant: ModelVariant, weights: WeightsInfo, options: Servin
     enc.response_cache.enable = options.encoder_response_cache
     dec.dynamic_batching.max_queue_delay_microseconds = options.decoder_queue_delay_us
     for cfg, size in ((enc, options.encoder_max_queue_size), (dec, options.decoder_max_queue_size)):
+        policy = cfg.dynamic_batching.default_queue_policy
         if size > 0:
-            cfg.dynamic_batching.default_queue_policy.max_queue_size = size
+            policy.max_queue_size = size
+        if options.queue_timeout_s > 0:
+            policy.timeout_action = mc.ModelQueuePolicy.REJECT
+            policy.default_timeout_microseconds = int(options.queue_timeout_s * 1e6)
+            policy.allow_timeout_override = True
 
     ensembles = [_ensemble(names.of(role), role, names, variant, weights)
                  for role in (spec.ENSEMBLE, spec.ENCODE_ENSEMBLE)]
