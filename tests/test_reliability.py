@@ -182,11 +182,7 @@ def test_killed_stub_makes_serve_exit_for_a_restart(small_queue_repository, tmp_
     that model fails with "Stub process ... is not healthy" (INTERNAL).
     `samtriton serve` watches its stubs and exits non-zero, so a supervisor
     (systemd, Kubernetes) restarts the whole server."""
-    http, grpc, metrics = server.free_ports(3)
-    proc = subprocess.Popen(
-        [*SAMTRITON, "serve", "--model-repository", str(small_queue_repository), "--http-port", str(http),
-         "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--cache-size-mb", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, (http, grpc, _) = _serve(small_queue_repository)
     try:
         server.wait_ready(proc, http)
         time.sleep(3)  # the watchdog records the stubs once the server is ready
@@ -205,6 +201,16 @@ def test_killed_stub_makes_serve_exit_for_a_restart(small_queue_repository, tmp_
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
             proc.wait(timeout=60)
+
+
+def _serve(repo: Path) -> tuple[subprocess.Popen, list[int]]:
+    """`samtriton serve` as users run it, on free ports, output captured."""
+    ports = server.free_ports(3)
+    proc = subprocess.Popen(
+        [*SAMTRITON, "serve", "--model-repository", str(repo), "--http-port", str(ports[0]),
+         "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), "--cache-size-mb", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return proc, ports
 
 
 def _server_pid(serve_pid: int) -> int:
@@ -244,11 +250,7 @@ def test_sigterm_finishes_in_flight_refuses_new_and_exits_promptly(small_queue_r
     drain is refused with UNAVAILABLE, and the server exits well inside the
     exit timeout, although bad requests (python error responses, which Triton
     2.51 counts as successes) went before."""
-    http, grpc, metrics = server.free_ports(3)
-    proc = subprocess.Popen(
-        [*SAMTRITON, "serve", "--model-repository", str(small_queue_repository), "--http-port", str(http),
-         "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--cache-size-mb", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, (http, grpc, _) = _serve(small_queue_repository)
     try:
         server.wait_ready(proc, http)
         with SamClient(f"127.0.0.1:{grpc}") as client:
