@@ -10,7 +10,6 @@ masks must equal the in-process result for the same bytes.
 
 from __future__ import annotations
 
-import io
 import struct
 import zlib
 from collections import Counter
