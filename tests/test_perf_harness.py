@@ -24,6 +24,9 @@ def test_perf_analyzer_sweep_smoke(triton_server, tmp_path):
         "--grpc-url", triton_server.grpc_url, "--http-url", triton_server.http_url,
         "--models", "sam,efficientvit_l0_mask_decoder", "--concurrency", "1,2", "--request-rates", "2",
         "--images", "2", "--max-boxes", "3", "--measurement-requests", "3", "--out-dir", str(tmp_path),
+        # A smoke run on 2 shared cores: it checks the harness, not the figures, so any
+        # spread between perf_analyzer's windows is accepted (it failed once at 50 %).
+        "--stability-percentage", "1000", "--max-trials", "10",
     ])
     rows = list(csv.DictReader(open(tmp_path / "sweep.csv")))
     assert code == 0, rows
