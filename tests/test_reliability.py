@@ -51,8 +51,8 @@ def small_queue_repository(built_repository, tmp_path_factory) -> Path:
     variant = get_variant("mobilesam")
     options = ServingOptions(encoder_max_batch_size=1, encoder_max_queue_size=2, encoder_response_cache=False)
     configs = model_configs([variant], {variant.name: WeightsInfo("test", random=True)}, options)
-    for name in configs:
-        shutil.copytree(source / name, repo / name)
+    for name in configs:  # hard links: the ONNX files are not copied
+        shutil.copytree(source / name, repo / name, copy_function=os.link)
     write_configs(repo, configs)
     return repo
 

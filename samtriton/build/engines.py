@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from samtriton import spec
+from samtriton.serving.postprocessing import mask_ious
 
 # --- optimisation profiles ----------------------------------------------------
 
@@ -46,7 +47,7 @@ def decoder_profile(max_batch_size: int, max_boxes: int, opt_boxes: int) -> Prof
     1..max_batch_size * max_boxes, as 1-D ragged elements (4 per box)."""
     max_total = max_batch_size * max_boxes
     opt_total = min(max(1, opt_boxes), max_total)
-    opt_images = max(1, min(max_batch_size, max_batch_size // 2))
+    opt_images = max(1, max_batch_size // 2)
     emb = spec.EMBEDDING_SHAPE
     return Profile({
         spec.IMAGE_EMBEDDINGS_NAME: ((1, *emb), (opt_images, *emb), (max_batch_size, *emb)),
@@ -117,12 +118,6 @@ class GateReport:
         return (f"mask IoU vs fp32 ONNX: min {self.min_mask_iou:.4f} (gate {self.MIN_IOU}), mean "
                 f"{self.mean_mask_iou:.4f}; scores max |diff| {self.max_score_diff:.3g} (gate "
                 f"{self.MAX_SCORE_DIFF}){emb}")
-
-
-def mask_ious(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
-    union = (a | b).sum(axis=1)
-    return np.where(union > 0, (a & b).sum(axis=1) / np.maximum(union, 1), 1.0)
 
 
 def gate_inputs(seed: int = 0, images: int = 2, boxes_per_image: int = 6):

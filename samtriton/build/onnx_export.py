@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from samtriton import spec
+from samtriton.serving.postprocessing import mask_ious
 from samtriton.build.export_wrappers import (
     BoxMaskDecoderExport,
     ImageEncoderExport,
@@ -88,49 +89,33 @@ def export_encoder(sam: torch.nn.Module, encoder_size: int, path: Path) -> None:
         _export(encoder, (example,), path, [pv], [emb], {pv: {0: "images"}, emb: {0: "images"}})
 
 
-def export_decoder(sam: torch.nn.Module, path: Path) -> None:
-    decoder = BoxMaskDecoderExport(sam).eval()
+def _export_box_decoder(decoder, boxes, third_name: str, third, box_axis: str, path: Path) -> None:
+    """Both decoder graphs: embeddings of 2 images, boxes, and one tensor telling
+    which image each box belongs to; outputs one mask and score per box."""
     embeddings = torch.zeros(2, *spec.EMBEDDING_SHAPE)
-    boxes = torch.tensor([[10.0, 20.0, 300.0, 400.0], [0.0, 0.0, 50.0, 60.0], [5.0, 5.0, 900.0, 700.0]])
-    index = torch.tensor([0, 1, 1], dtype=torch.int32)
-    names_in = [spec.IMAGE_EMBEDDINGS_NAME, spec.MODEL_BOXES.name, spec.BOX_IMAGE_INDEX.name]
+    names_in = [spec.IMAGE_EMBEDDINGS_NAME, spec.MODEL_BOXES.name, third_name]
     names_out = [spec.LOW_RES_MASKS.name, spec.IOU_PREDICTIONS.name]
-    axes = {
-        names_in[0]: {0: "images"},
-        names_in[1]: {0: "boxes"},
-        names_in[2]: {0: "boxes"},
-        names_out[0]: {0: "boxes"},
-        names_out[1]: {0: "boxes"},
-    }
+    third_axis = "boxes" if box_axis == "boxes" else "images"
+    axes = {names_in[0]: {0: "images"}, names_in[1]: {0: box_axis}, names_in[2]: {0: third_axis},
+            names_out[0]: {0: "boxes"}, names_out[1]: {0: "boxes"}}
     with torch.no_grad():
-        _export(decoder, (embeddings, boxes, index), path, names_in, names_out, axes)
+        _export(decoder.eval(), (embeddings, boxes, third), path, names_in, names_out, axes)
+
+
+_EXAMPLE_BOXES = [[10.0, 20.0, 300.0, 400.0], [0.0, 0.0, 50.0, 60.0], [5.0, 5.0, 900.0, 700.0]]
+
+
+def export_decoder(sam: torch.nn.Module, path: Path) -> None:
+    """The CPU target's decoder graph: boxes [N, 4] and each box's image index."""
+    _export_box_decoder(BoxMaskDecoderExport(sam), torch.tensor(_EXAMPLE_BOXES), spec.BOX_IMAGE_INDEX.name,
+                        torch.tensor([0, 1, 1], dtype=torch.int32), "boxes", path)
 
 
 def export_ragged_decoder(sam: torch.nn.Module, path: Path) -> None:
     """The GPU target's decoder graph: 1-D ragged boxes + accumulated counts (see
     RaggedBoxMaskDecoderExport).  Same outputs as `export_decoder`'s."""
-    decoder = RaggedBoxMaskDecoderExport(sam).eval()
-    embeddings = torch.zeros(2, *spec.EMBEDDING_SHAPE)
-    boxes = torch.tensor([10.0, 20.0, 300.0, 400.0, 0.0, 0.0, 50.0, 60.0, 5.0, 5.0, 900.0, 700.0])
-    accumulated = torch.tensor([4, 12], dtype=torch.int32)
-    names_in = [spec.IMAGE_EMBEDDINGS_NAME, spec.MODEL_BOXES.name, spec.BOXES_ACCUMULATED_NAME]
-    names_out = [spec.LOW_RES_MASKS.name, spec.IOU_PREDICTIONS.name]
-    axes = {
-        names_in[0]: {0: "images"},
-        names_in[1]: {0: "box_elements"},
-        names_in[2]: {0: "images"},
-        names_out[0]: {0: "boxes"},
-        names_out[1]: {0: "boxes"},
-    }
-    with torch.no_grad():
-        _export(decoder, (embeddings, boxes, accumulated), path, names_in, names_out, axes)
-
-
-def _min_iou(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
-    union = (a | b).sum(axis=1)
-    iou = np.where(union > 0, (a & b).sum(axis=1) / np.maximum(union, 1), 1.0)
-    return float(iou.min())
+    _export_box_decoder(RaggedBoxMaskDecoderExport(sam), torch.tensor(_EXAMPLE_BOXES).reshape(-1),
+                        spec.BOXES_ACCUMULATED_NAME, torch.tensor([4, 12], dtype=torch.int32), "box_elements", path)
 
 
 def check_parity(sam: torch.nn.Module, encoder_size: int, encoder_path: Path, decoder_path: Path,
@@ -186,5 +171,5 @@ def check_parity(sam: torch.nn.Module, encoder_size: int, encoder_path: Path, de
         encoder_max_abs_diff=float(np.abs(onnx_emb - torch_emb).max()),
         decoder_mask_max_abs_diff=float(np.abs(onnx_masks - ref_masks).max()),
         decoder_iou_max_abs_diff=float(np.abs(onnx_iou - ref_iou).max()),
-        decoder_mask_min_iou=_min_iou(onnx_masks > 0, ref_masks > 0),
+        decoder_mask_min_iou=float(mask_ious(onnx_masks > 0, ref_masks > 0).min()),
     )

@@ -121,3 +121,10 @@ def decode_rle(encoded: list[bytes | str]) -> np.ndarray:
     if not rles:
         return np.zeros((0, 0, 0), dtype=bool)
     return mask_utils.decode(rles).transpose(2, 0, 1).astype(bool)
+
+
+def mask_ious(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of each pair of (N, ...) bool masks; two empty masks count as equal (1.0)."""
+    a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    union = (a | b).sum(axis=1)
+    return np.where(union > 0, (a & b).sum(axis=1) / np.maximum(union, 1), 1.0)
