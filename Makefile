@@ -86,11 +86,13 @@ soak: setup
 	SAMTRITON_SOAK_SECONDS=$(SOAK_SECONDS) SAMTRITON_SOAK_MAX_RSS_GROWTH_MB=$(SOAK_MAX_RSS_GROWTH_MB) \
 	  $(VENV)/bin/pytest -s --timeout=$$(( $(SOAK_SECONDS) + 900 )) tests/test_reliability.py -k soak
 
-# Batched vs one-by-one, serving overhead, where the time goes (about 5 minutes on 2 CPU cores).
+# Batched vs one-by-one, serving overhead, where the time goes, what a click costs
+# (about 7 minutes on 2 CPU cores).
 bench: repository
 	$(VENV)/bin/python perf/batched_vs_sequential.py --model-repository $(REPO_DIR)
 	$(VENV)/bin/python perf/serving_overhead.py --model-repository $(REPO_DIR)
 	$(VENV)/bin/python perf/breakdown.py --model-repository $(REPO_DIR)
+	$(VENV)/bin/python perf/clicks.py --model-repository $(REPO_DIR)
 
 # perf_analyzer over gRPC and HTTP, concurrency 1..32 and request rates.
 perf-sweep: repository

@@ -33,6 +33,7 @@ from samtriton import server  # noqa: E402
 from samtriton.client import AsyncSamClient, SamClient  # noqa: E402
 from samtriton.sample_image import sample_scene  # noqa: E402
 from samtriton.serving.pipeline import InProcessPipeline  # noqa: E402
+from samtriton.serving.prompts import PromptInputs, build_prompts  # noqa: E402
 
 N_BOXES = 47
 
@@ -86,16 +87,17 @@ def main(argv=None) -> int:
     boxes = np.concatenate([xy, xy + rng.uniform(30, 120, size=(N_BOXES, 2))], axis=1).astype(np.float32)
 
     pipe = InProcessPipeline(repo)
-    pre = pipe.preprocess(image, boxes)
+    pre = pipe.preprocess(image, PromptInputs(boxes=boxes))
+    one_each = [build_prompts(PromptInputs(boxes=boxes[i : i + 1]), pre.geometry) for i in range(N_BOXES)]
     encode_ms = median_ms(lambda: pipe.encode(pre), args.repeats)
     embedding = pipe.encode(pre)
     rows = [(
         "in-process ONNX Runtime (" + ",".join(p.replace("ExecutionProvider", "") for p in pipe.decoder.get_providers()) + ")",
-        median_ms(lambda: [pipe.decode(embedding, pre.model_boxes[i : i + 1]) for i in range(N_BOXES)], args.repeats),
-        median_ms(lambda: pipe.decode(embedding, pre.model_boxes), args.repeats),
+        median_ms(lambda: [pipe.decode(embedding, prompts) for prompts in one_each], args.repeats),
+        median_ms(lambda: pipe.decode(embedding, pre.prompts), args.repeats),
     )]
-    if not args.no_torch:
-        rows += torch_decoder_rows(embedding, pre.model_boxes, args.repeats)
+    if not args.no_torch:  # the box corners in the prompt frame, as xyxy
+        rows += torch_decoder_rows(embedding, pre.prompts.coords.reshape(-1, 4), args.repeats)
 
     http, grpc, metrics = server.free_ports(3)
     proc = server.start(server.ServerOptions(repo, http, grpc, metrics),

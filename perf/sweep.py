@@ -28,7 +28,7 @@ from latency import machine  # noqa: E402
 from pa_inputs import sam_requests  # noqa: E402
 
 from samtriton import server, spec  # noqa: E402
-from samtriton.serving.outputs import OUTPUTS_PARAMETER  # noqa: E402
+from samtriton.serving.request_parameters import ALL_OUTPUTS, OUTPUTS_PARAMETER  # noqa: E402
 from samtriton.variants import DEFAULT_MODEL, get_variant  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -70,7 +70,7 @@ def sam_outputs(model: str, protocol: str) -> str:
     parameter is missing and the server computes every output (dense masks too)."""
     if spec.role_of(model) != spec.ENSEMBLE:
         return "-"
-    return SAM_OUTPUTS if protocol == "grpc" else "all (scores,masks_rle,masks)"
+    return SAM_OUTPUTS if protocol == "grpc" else "all (" + ",".join(ALL_OUTPUTS) + ")"
 
 
 def model_args(model: str, protocol: str, inputs_json: Path) -> list[str]:
@@ -81,7 +81,10 @@ def model_args(model: str, protocol: str, inputs_json: Path) -> list[str]:
     if role == spec.IMAGE_ENCODER:
         return ["--input-data", "zero", "-b", "1"]  # "random" FP32 bytes include NaN/inf
     if role == spec.MASK_DECODER:
-        return ["--input-data", "zero", "-b", "1", "--shape", f"{spec.MODEL_BOXES_NAME}:5,4"]
+        # 5 prompts of 2 tokens (zero labels: background clicks), no mask input (one zero placeholder).
+        shapes = {spec.PROMPT_COORDS_NAME: "5,2,2", spec.PROMPT_LABELS_NAME: "5,2",
+                  spec.MODEL_MASK_INPUTS_NAME: "1,256,256", spec.HAS_MASK_INPUT_NAME: "5"}
+        return ["--input-data", "zero", "-b", "1", *(a for k, v in shapes.items() for a in ("--shape", f"{k}:{v}"))]
     raise ValueError(f"no perf_analyzer settings for model {model!r}")
 
 

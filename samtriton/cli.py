@@ -10,6 +10,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 
 def _parse_box(text: str) -> list[float]:
     parts = text.split(",")
@@ -19,6 +21,20 @@ def _parse_box(text: str) -> list[float]:
         return [float(p) for p in parts]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected four numbers x0,y0,x1,y1, got {text!r}") from None
+
+
+def _parse_point(text: str) -> tuple[float, float, int]:
+    parts = text.split(",")
+    if len(parts) not in (2, 3):
+        raise argparse.ArgumentTypeError(f"expected x,y or x,y,label (label 1 foreground, 0 background), got {text!r}")
+    try:
+        x, y = float(parts[0]), float(parts[1])
+        label = int(parts[2]) if len(parts) == 3 else 1
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers x,y[,label], got {text!r}") from None
+    if label not in (0, 1):
+        raise argparse.ArgumentTypeError(f"label must be 1 (foreground) or 0 (background), got {label}")
+    return x, y, label
 
 
 def cmd_models(args) -> int:
@@ -57,7 +73,7 @@ def _per_model(values: list[str] | None, models: list[str], option: str) -> dict
 def serving_options(args):
     """The repository's serving knobs from `samtriton build`'s arguments."""
     from samtriton.build.configs import ServingOptions
-    from samtriton.serving.preprocessing import Limits
+    from samtriton.serving.prompts import Limits
 
     # Options left out take the target's defaults (ServingOptions.for_target).
     return ServingOptions.for_target(
@@ -72,7 +88,8 @@ def serving_options(args):
         decoder_max_queue_size=args.decoder_max_queue_size,
         queue_timeout_s=args.queue_timeout_s,
         intra_op_threads=args.intra_op_threads,
-        limits=Limits(max_image_bytes=args.max_image_bytes, max_pixels=args.max_pixels, max_boxes=args.max_boxes),
+        limits=Limits(max_image_bytes=args.max_image_bytes, max_pixels=args.max_pixels, max_boxes=args.max_boxes,
+                      max_points=args.max_points),
     )
 
 
@@ -194,29 +211,54 @@ def cmd_serve(args) -> int:
     return server.run_foreground(opts)
 
 
+def _prompt_text(result, i: int) -> str:
+    parts = []
+    if result.boxes is not None and np.isfinite(result.boxes[i]).all():
+        parts.append("box=" + ",".join(f"{v:g}" for v in result.boxes[i]))
+    if result.points is not None:
+        clicks = [f"{x:g},{y:g}{'+' if label == 1 else '-'}"
+                  for (x, y), label in zip(result.points[i], result.point_labels[i]) if label >= 0]
+        if clicks:
+            parts.append("points=" + " ".join(clicks))
+    return " ".join(parts)
+
+
 def _print_result(result) -> None:
-    for i, (score, area, box) in enumerate(zip(result.scores, result.areas, result.boxes)):
-        box_text = ",".join(f"{v:g}" for v in box)
-        print(f"mask {i}: score={score:.4f} area={int(area)} box={box_text}")
+    for i in range(len(result)):
+        if result.multimask:
+            candidates = ", ".join(f"{s:.4f} ({int(a)} px)" for s, a in zip(result.scores[i], result.areas[i]))
+            print(f"mask {i}: candidates {candidates} {_prompt_text(result, i)}")
+        else:
+            print(f"mask {i}: score={result.scores[i]:.4f} area={int(result.areas[i])} {_prompt_text(result, i)}")
 
 
 def _write_json(path, image_label, result) -> None:
     from samtriton.serving.postprocessing import encode_rle
 
-    rles = result.rles or encode_rle(result.masks)
+    def rle_of(mask):
+        return json.loads(encode_rle(mask[np.newaxis])[0])
+
+    def entry(i):
+        doc = {}
+        if result.boxes is not None and np.isfinite(result.boxes[i]).all():
+            doc["box"] = [float(v) for v in result.boxes[i]]
+        if result.points is not None:
+            keep = result.point_labels[i] >= 0
+            doc["points"] = result.points[i][keep].tolist()
+            doc["point_labels"] = result.point_labels[i][keep].tolist()
+        if result.multimask:
+            doc["candidates"] = [{"score": float(s), "area": int(a), "segmentation": rle_of(m)}
+                                 for s, a, m in zip(result.scores[i], result.areas[i], result.masks[i])]
+        else:
+            doc.update(score=float(result.scores[i]), area=int(result.areas[i]), segmentation=rle_of(result.masks[i]))
+        return doc
+
     doc = {
         "image": image_label,
-        "height": int(result.masks.shape[1]),
-        "width": int(result.masks.shape[2]),
-        "masks": [
-            {
-                "box": [float(v) for v in box],
-                "score": float(score),
-                "area": int(area),
-                "segmentation": json.loads(rle),
-            }
-            for box, score, area, rle in zip(result.boxes, result.scores, result.areas, rles)
-        ],
+        "height": int(result.masks.shape[-2]),
+        "width": int(result.masks.shape[-1]),
+        "multimask": result.multimask,
+        "masks": [entry(i) for i in range(len(result))],
     }
     Path(path).write_text(json.dumps(doc, indent=1))
 
@@ -227,18 +269,35 @@ def cmd_segment(args) -> int:
 
     from samtriton.variants import UnknownModelError
 
-    if not args.box:
-        print("samtriton segment: give at least one --box x0,y0,x1,y1", file=sys.stderr)
+    def usage(message):
+        print(f"samtriton segment: {message}", file=sys.stderr)
         return 2
+
+    boxes = args.box or None
+    points = labels = None
+    if args.point:
+        if boxes is not None and len(boxes) > 1:
+            return usage("--point with several --box is ambiguous: the points refine one object; give one --box "
+                         "(box + points) or none (points only), or use the SDK's Prompt for mixed prompts")
+        points = [[[x, y] for x, y, _ in args.point]]
+        labels = [[label for _, _, label in args.point]]
+    if boxes is None and points is None:
+        return usage("give at least one --box x0,y0,x1,y1 or --point x,y[,label]")
+    mask_input = None
+    if args.mask_input:
+        try:
+            mask_input = np.load(args.mask_input)
+        except (OSError, ValueError) as e:
+            return usage(f"--mask-input: cannot read {args.mask_input} as a .npy array ({e})")
     try:
         model_name = _ensemble_name(args)
     except UnknownModelError as e:
-        print(f"samtriton segment: {e}", file=sys.stderr)
-        return 2
+        return usage(e)
     try:
         with SamClient(args.url, protocol=args.protocol, model_name=model_name) as client:
             started = time.perf_counter()
-            result = client.segment(args.image, args.box)
+            result = client.segment(args.image, boxes, points=points, point_labels=labels, mask_input=mask_input,
+                                    multimask=args.multimask, return_low_res_logits=bool(args.save_logits))
             elapsed = time.perf_counter() - started
     except SamTritonError as e:
         print(f"samtriton segment: {type(e).__name__}: {e}", file=sys.stderr)
@@ -247,18 +306,50 @@ def cmd_segment(args) -> int:
         print(f"samtriton segment: {e}", file=sys.stderr)
         return 1
     _print_result(result)
-    print(f"{len(result)} masks in {elapsed * 1000:.0f} ms", file=sys.stderr)
+    print(f"{len(result)} prompts in {elapsed * 1000:.0f} ms", file=sys.stderr)
     if args.overlay:
-        draw_overlay(args.image, result.masks, result.boxes).save(args.overlay)
-        print(f"wrote {args.overlay}", file=sys.stderr)
+        best = result.best()
+        draw_overlay(args.image, best.masks, best.boxes, points=best.points, point_labels=best.point_labels
+                     ).save(args.overlay)
+        print(f"wrote {args.overlay}" + (" (best candidate per prompt)" if result.multimask else ""), file=sys.stderr)
     if args.json:
         _write_json(args.json, str(args.image), result)
         print(f"wrote {args.json}", file=sys.stderr)
+    if args.save_logits:
+        np.save(args.save_logits, result.low_res_logits)
+        print(f"wrote {args.save_logits} (low-res logits {list(result.low_res_logits.shape)}; pass one "
+              "[N, 256, 256] slice back with --mask-input)", file=sys.stderr)
     return 0
 
 
+def _click_session(client, image_path, boxes: np.ndarray) -> list[tuple[str, object, float]]:
+    """What an annotator does: encode once, then click, click, click, each click
+    a decoder-only request on the cached image, the last one refining the
+    previous answer with its low-res logits."""
+    started = time.perf_counter()
+    encoded = client.encode(image_path)
+    steps = [("encode (the image encoder, once)", None, time.perf_counter() - started)]
+    house, door = boxes[1], boxes[2]
+    inside = [float(house[0] + 0.2 * (house[2] - house[0])), float((house[1] + house[3]) / 2)]
+    on_door = [float((door[0] + door[2]) / 2), float((door[1] + door[3]) / 2)]
+    clicks = [
+        ("click 1: one foreground point, 3 candidates", dict(points=[inside], multimask=True)),
+        ("click 2: + a background point on the door", dict(points=[inside, on_door], point_labels=[1, 0])),
+        ("click 3: the same, refining click 2's mask", dict(points=[inside, on_door], point_labels=[1, 0])),
+    ]
+    previous = None
+    for label, prompt in clicks:
+        if previous is not None and label.startswith("click 3"):
+            prompt["mask_input"] = previous.low_res_logits[:, 0]
+        started = time.perf_counter()
+        previous = client.decode(encoded, **prompt, return_low_res_logits=True).best()
+        steps.append((label, previous, time.perf_counter() - started))
+    return steps
+
+
 def cmd_demo(args) -> int:
-    """Start a server in the background, segment the sample scene, write the overlay, stop."""
+    """Start a server in the background, segment the sample scene with boxes, then
+    run a click session on it; write both overlays; stop."""
     from samtriton import server
     from samtriton.client import SamClient
     from samtriton.client.overlay import draw_overlay
@@ -270,7 +361,12 @@ def cmd_demo(args) -> int:
     out = Path(args.overlay)
     out.parent.mkdir(parents=True, exist_ok=True)
     image_path = out.with_name("demo_input.jpg")
+    clicks_out = out.with_name(out.stem + "_clicks" + out.suffix)
     image.save(image_path, quality=92)
+    # The click session's image: the same scene losslessly, new pixels to the
+    # encoder's cache (JPEG changed them), so its encode step really runs.
+    clicks_image = out.with_name("demo_input.png")
+    image.save(clicks_image)
     http, grpc, metrics = server.free_ports(3)
     with tempfile.TemporaryFile() as log:
         proc = server.start(server.ServerOptions(Path(args.model_repository), http, grpc, metrics),
@@ -281,6 +377,7 @@ def cmd_demo(args) -> int:
                 started = time.perf_counter()
                 result = client.segment(image_path, boxes)
                 elapsed = time.perf_counter() - started
+                steps = _click_session(client, clicks_image, boxes)
         except Exception:
             log.seek(0)
             sys.stderr.write(log.read().decode(errors="replace")[-4000:])
@@ -290,7 +387,13 @@ def cmd_demo(args) -> int:
     _print_result(result)
     print(f"{len(result)} masks in {elapsed * 1000:.0f} ms", file=sys.stderr)
     draw_overlay(image_path, result.masks, result.boxes).save(out)
-    print(f"wrote {image_path} and {out}")
+    print("click session on the same scene (a new image: encoded once, then decoder-only requests):")
+    for label, answer, seconds in steps:
+        score = "" if answer is None else f"  score={answer.scores[0]:.4f} area={int(answer.areas[0])}"
+        print(f"  {label:<45} {seconds * 1000:7.0f} ms{score}")
+    last = steps[-1][1]
+    draw_overlay(image_path, last.masks, None, points=last.points, point_labels=last.point_labels).save(clicks_out)
+    print(f"wrote {image_path}, {out} and {clicks_out}")
     return 0
 
 
@@ -347,7 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ONNX Runtime threads per model instance (0: all cores)")
     p.add_argument("--max-image-bytes", type=int, default=defaults.limits.max_image_bytes)
     p.add_argument("--max-pixels", type=int, default=defaults.limits.max_pixels)
-    p.add_argument("--max-boxes", type=int, default=defaults.limits.max_boxes)
+    p.add_argument("--max-boxes", type=int, default=defaults.limits.max_boxes,
+                   help="prompts (boxes or point sets) per request")
+    p.add_argument("--max-points", type=int, default=defaults.limits.max_points, help="points per prompt")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("build-engines", help="GPU target: build TensorRT engines on this GPU, with the accuracy gate")
@@ -367,10 +472,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-verbose", type=int, default=0)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("segment", help="segment an image with box prompts on a running server")
+    p = sub.add_parser(
+        "segment", help="segment an image with box and point prompts on a running server",
+        description="Segment an image on a running server.  Each --box is one prompt; --point clicks (repeat "
+                    "them) refine one object: alone they are a points-only prompt, with one --box a box + points "
+                    "prompt.  Coordinates are in the image's pixels.",
+        epilog="examples:\n  samtriton segment photo.jpg --box 10,20,200,240 --box 300,40,520,400\n"
+               "  samtriton segment photo.jpg --point 120,80 --point 300,90,0 --multimask\n"
+               "  samtriton segment photo.jpg --box 10,20,200,240 --point 120,80 --save-logits prev.npy\n"
+               "  samtriton segment photo.jpg --point 120,80 --point 150,60 --mask-input prev.npy",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("image", help="JPEG, PNG or WebP file")
     p.add_argument("--box", action="append", type=_parse_box, metavar="x0,y0,x1,y1",
-                   help="a box in original pixels; repeat for more")
+                   help="a box in original pixels; repeat for more (one prompt each)")
+    p.add_argument("--point", action="append", type=_parse_point, metavar="x,y[,label]",
+                   help="a click in original pixels, label 1 foreground (default) or 0 background; repeat for more")
+    p.add_argument("--multimask", action="store_true",
+                   help="three candidate masks per prompt with their predicted IoU (for ambiguous single clicks)")
+    p.add_argument("--mask-input", metavar="FILE.npy",
+                   help="refine a previous answer: its low-res logits, [N, 256, 256] (see --save-logits)")
+    p.add_argument("--save-logits", metavar="FILE.npy",
+                   help="write the low-res logits [N, K, 256, 256] for a later --mask-input")
     p.add_argument("--url", default=None, help="server address (default localhost:8001 for gRPC, :8000 for HTTP)")
     p.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
     which = p.add_mutually_exclusive_group()

@@ -101,38 +101,100 @@ class TensorSpec:
 
 
 # --- the ensemble, i.e. the public API of the served model -----------------
+# A request carries N prompts; each is a box, a set of points, or both, and
+# may add the low-res logits of a previous answer.  Every prompt of one
+# request has the same kinds (as in the upstream predictor's batched call).
 IMAGE = TensorSpec("image", "TYPE_STRING", (1,))
-BOXES = TensorSpec("boxes", "TYPE_FP32", (-1, 4))
-# The preprocess also serves `sam_encode`, whose requests carry no boxes.
-BOXES_OPTIONAL = TensorSpec("boxes", "TYPE_FP32", (-1, 4), optional=True)
+BOXES = TensorSpec("boxes", "TYPE_FP32", (-1, 4), optional=True)  # [N, 4] xyxy, original pixels
+POINTS = TensorSpec("points", "TYPE_FP32", (-1, -1, 2), optional=True)  # [N, P, 2] xy, original pixels
+POINT_LABELS = TensorSpec("point_labels", "TYPE_INT32", (-1, -1), optional=True)  # [N, P]
+MASK_INPUTS = TensorSpec("mask_inputs", "TYPE_FP32", (-1, LOW_RES_MASK_SIZE, LOW_RES_MASK_SIZE),
+                         optional=True)  # [N, 256, 256]: low_res_logits of a previous answer
+# Outputs: [N] (or [N, 3] with the request parameter multimask_output, which
+# Triton's configs cannot express: dims state the single-mask rank).
 SCORES = TensorSpec("scores", "TYPE_FP32", (-1,))
 MASKS_RLE = TensorSpec("masks_rle", "TYPE_STRING", (-1,))
 MASKS = TensorSpec("masks", "TYPE_UINT8", (-1, -1, -1))
+LOW_RES_LOGITS = TensorSpec("low_res_logits", "TYPE_FP32",
+                            (-1, -1, LOW_RES_MASK_SIZE, LOW_RES_MASK_SIZE))  # [N, K, 256, 256], K = 1 or 3
+
+# `point_labels` on the wire: SAM's 1 (foreground) and 0 (background), and -1
+# for the padding of prompts with fewer points than the longest one.
+WIRE_POINT_LABELS = {1: "foreground", 0: "background", -1: "padding"}
 
 # --- internal tensors between the steps --------------------------------------
 # original (h, w) then resized-before-padding (h, w) in the prompt frame: what
 # the postprocess needs to undo the resize, as the upstream predictor's
 # original_size / input_size.
 IMAGE_GEOMETRY = TensorSpec("image_geometry", "TYPE_INT32", (4,))
-# The decoder batches requests with different box counts (Triton ragged
-# batching): per request it sees [1, n, ...]; the other steps see the same
-# full shapes with the leading 1 spelled out.
-MODEL_BOXES_NAME = "model_boxes"
+
+# The preprocess turns a request's prompts into the decoder's sparse tokens,
+# in the prompt frame: for each prompt its points, then SAM's padding point
+# (prompts without a box, as upstream) or the two box corners, then filler
+# tokens up to the request's longest prompt.  Token labels are those of the
+# upstream prompt encoder plus one for the filler, which the decoder graph
+# never attends to (so filler never changes a result).
+LABEL_NOT_A_POINT = -1  # upstream's padding point: the not-a-point embedding
+LABEL_BACKGROUND = 0
+LABEL_FOREGROUND = 1
+LABEL_BOX_TOP_LEFT = 2
+LABEL_BOX_BOTTOM_RIGHT = 3
+LABEL_ABSENT = -10  # filler: masked out of attention
+TOKEN_LABELS = (LABEL_ABSENT, LABEL_NOT_A_POINT, LABEL_BACKGROUND, LABEL_FOREGROUND, LABEL_BOX_TOP_LEFT,
+                LABEL_BOX_BOTTOM_RIGHT)
+
+PROMPT_COORDS_NAME = "prompt_coords"
+PROMPT_LABELS_NAME = "prompt_labels"
+MODEL_MASK_INPUTS_NAME = "model_mask_inputs"
+HAS_MASK_INPUT_NAME = "has_mask_input"
 LOW_RES_MASKS_NAME = "low_res_masks"
 IOU_PREDICTIONS_NAME = "iou_predictions"
-MODEL_BOXES = TensorSpec(MODEL_BOXES_NAME, "TYPE_FP32", (1, -1, 4))
-MODEL_BOXES_RAGGED = TensorSpec(MODEL_BOXES_NAME, "TYPE_FP32", (-1, 4), allow_ragged_batch=True)
-LOW_RES_MASKS = TensorSpec(LOW_RES_MASKS_NAME, "TYPE_FP32", (1, -1, LOW_RES_MASK_SIZE, LOW_RES_MASK_SIZE))
-LOW_RES_MASKS_BATCHED = TensorSpec(LOW_RES_MASKS_NAME, "TYPE_FP32", (-1, LOW_RES_MASK_SIZE, LOW_RES_MASK_SIZE))
-IOU_PREDICTIONS = TensorSpec(IOU_PREDICTIONS_NAME, "TYPE_FP32", (1, -1))
-IOU_PREDICTIONS_BATCHED = TensorSpec(IOU_PREDICTIONS_NAME, "TYPE_FP32", (-1,))
-# Input of the ONNX decoder graph only (the python model builds it).
-BOX_IMAGE_INDEX = TensorSpec("box_image_index", "TYPE_INT32", (-1,))
-# GPU target: the TensorRT decoder gets the ragged boxes as Triton's TensorRT
-# backend delivers them (all requests' boxes in one 1-D tensor) and, as a
-# batch_input of kind BATCH_ACCUMULATED_ELEMENT_COUNT, the running element
-# count per request; it derives each box's image from that.
-BOXES_ACCUMULATED_NAME = "boxes_accumulated"
+# A request's prompts, as the preprocess writes them:
+PROMPT_COORDS = TensorSpec(PROMPT_COORDS_NAME, "TYPE_FP32", (1, -1, -1, 2))  # [1, N, T, 2]
+PROMPT_LABELS = TensorSpec(PROMPT_LABELS_NAME, "TYPE_INT32", (1, -1, -1))  # [1, N, T]
+# [1, M, 256, 256]: M = N with mask inputs; otherwise one zero placeholder, so
+# that no tensor of a decoder batch is empty (TensorRT profiles need >= 1).
+MODEL_MASK_INPUTS = TensorSpec(MODEL_MASK_INPUTS_NAME, "TYPE_FP32", (1, -1, LOW_RES_MASK_SIZE, LOW_RES_MASK_SIZE))
+HAS_MASK_INPUT = TensorSpec(HAS_MASK_INPUT_NAME, "TYPE_FP32", (1, -1))  # [1, N]: 1.0 where prompt n has one
+# A request's candidates as the postprocess reads them, K per prompt: the CPU
+# decoder sends the ones the request asked for (K = 1: upstream's single-mask
+# token; K = 3: the multimask tokens); a TensorRT engine cannot choose per
+# request and sends all NUM_MASK_TOKENS, of which the postprocess picks.
+NUM_MASK_TOKENS = 4
+LOW_RES_MASKS = TensorSpec(LOW_RES_MASKS_NAME, "TYPE_FP32", (1, -1, -1, LOW_RES_MASK_SIZE, LOW_RES_MASK_SIZE))
+IOU_PREDICTIONS = TensorSpec(IOU_PREDICTIONS_NAME, "TYPE_FP32", (1, -1, -1))
+
+# The decoder batches requests with different prompt counts and token counts
+# (Triton ragged batching): per request it sees the tensors above; its config
+# states them without the leading 1 (the batch axis).
+PROMPT_COORDS_RAGGED = TensorSpec(PROMPT_COORDS_NAME, "TYPE_FP32", (-1, -1, 2), allow_ragged_batch=True)
+PROMPT_LABELS_RAGGED = TensorSpec(PROMPT_LABELS_NAME, "TYPE_INT32", (-1, -1), allow_ragged_batch=True)
+MODEL_MASK_INPUTS_RAGGED = TensorSpec(MODEL_MASK_INPUTS_NAME, "TYPE_FP32", (-1, LOW_RES_MASK_SIZE, LOW_RES_MASK_SIZE),
+                                      allow_ragged_batch=True)
+HAS_MASK_INPUT_RAGGED = TensorSpec(HAS_MASK_INPUT_NAME, "TYPE_FP32", (-1,), allow_ragged_batch=True)
+LOW_RES_MASKS_BATCHED = TensorSpec(LOW_RES_MASKS_NAME, "TYPE_FP32", (-1, -1, LOW_RES_MASK_SIZE, LOW_RES_MASK_SIZE))
+IOU_PREDICTIONS_BATCHED = TensorSpec(IOU_PREDICTIONS_NAME, "TYPE_FP32", (-1, -1))
+
+# Inputs of the CPU target's ONNX decoder graph only (its python model builds
+# them from a batch of requests; see PromptMaskDecoderExport): the image of
+# each mask input, the source row (image, or image with its mask input) of
+# each prompt, and which of the NUM_MASK_TOKENS mask tokens to decode.
+MASK_IMAGE_INDEX_NAME = "mask_image_index"
+PROMPT_SOURCE_INDEX_NAME = "prompt_source_index"
+MASK_TOKENS_NAME = "mask_tokens"
+# GPU target: Triton's TensorRT backend concatenates the ragged inputs of a
+# batch into flat tensors and passes, as batch inputs of kind
+# BATCH_ACCUMULATED_ELEMENT_COUNT, each request's running element count of
+# the labels and of the mask inputs; the graph derives every prompt's image
+# and mask from them.  There every prompt has the same token count
+# (`gpu_prompt_tokens`), so the flat labels reshape to [prompts, T].
+LABELS_ACCUMULATED_NAME = "labels_accumulated"
+MASKS_ACCUMULATED_NAME = "masks_accumulated"
+
+
+def gpu_prompt_tokens(max_points: int) -> int:
+    """Sparse tokens per prompt on the GPU target: the most points, plus two box corners."""
+    return max_points + 2
 
 
 # Counter the python models export (Triton custom metric, label `model`): the
@@ -145,6 +207,11 @@ DRAIN_FILE_ENV = "SAMTRITON_DRAIN_FILE"
 
 PIXEL_VALUES_NAME = "pixel_values"
 IMAGE_EMBEDDINGS_NAME = "image_embeddings"
+
+
+# The prompt inputs a `sam` request may carry (at least boxes or points), and what it returns.
+PROMPT_INPUTS = (BOXES, POINTS, POINT_LABELS, MASK_INPUTS)
+ENSEMBLE_OUTPUTS = (SCORES, MASKS_RLE, MASKS, LOW_RES_LOGITS)
 
 
 def pixel_values(image_size: int, batched: bool) -> TensorSpec:
@@ -171,26 +238,28 @@ def model_io(encoder_size: int) -> dict[str, ModelIO]:
     shapes.  Triton's ensemble connects the two kinds when full shapes agree
     ([1, 3, S, S] == batch 1 of [3, S, S]).
     """
+    prompts = (PROMPT_COORDS, PROMPT_LABELS, MODEL_MASK_INPUTS, HAS_MASK_INPUT)
     return {
-        ENSEMBLE: ModelIO(inputs=(IMAGE, BOXES), outputs=(SCORES, MASKS_RLE, MASKS)),
+        ENSEMBLE: ModelIO(inputs=(IMAGE, *PROMPT_INPUTS), outputs=ENSEMBLE_OUTPUTS),
         ENCODE_ENSEMBLE: ModelIO(
             inputs=(IMAGE,), outputs=(IMAGE_GEOMETRY, image_embeddings(batched=False))
         ),
         PREPROCESS: ModelIO(
-            inputs=(IMAGE, BOXES_OPTIONAL),
-            outputs=(pixel_values(encoder_size, batched=False), MODEL_BOXES, IMAGE_GEOMETRY),
+            inputs=(IMAGE, *PROMPT_INPUTS),
+            outputs=(pixel_values(encoder_size, batched=False), IMAGE_GEOMETRY, *prompts),
         ),
         IMAGE_ENCODER: ModelIO(
             inputs=(pixel_values(encoder_size, batched=True),),
             outputs=(image_embeddings(batched=True),),
         ),
         MASK_DECODER: ModelIO(
-            inputs=(image_embeddings(batched=True), MODEL_BOXES_RAGGED),
+            inputs=(image_embeddings(batched=True), PROMPT_COORDS_RAGGED, PROMPT_LABELS_RAGGED,
+                    MODEL_MASK_INPUTS_RAGGED, HAS_MASK_INPUT_RAGGED),
             outputs=(LOW_RES_MASKS_BATCHED, IOU_PREDICTIONS_BATCHED),
         ),
         POSTPROCESS: ModelIO(
             inputs=(LOW_RES_MASKS, IOU_PREDICTIONS, IMAGE_GEOMETRY),
-            outputs=(SCORES, MASKS_RLE, MASKS),
+            outputs=ENSEMBLE_OUTPUTS,
         ),
     }
 

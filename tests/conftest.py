@@ -121,24 +121,47 @@ class UpstreamPredictor:
             raise KeyError(model)
         self._image_key = None
 
-    def predict(self, image_bytes: bytes, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(masks (N, H, W) bool, scores (N,)) for single-mask box prompts."""
-        import torch
+    def _set_image(self, image_bytes: bytes) -> tuple[int, int]:
         from PIL import ImageOps
 
         rgb = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(image_bytes))).convert("RGB"))
         if self._image_key != image_bytes:
             self.predictor.set_image(rgb)
             self._image_key = image_bytes
-        boxes_t = torch.from_numpy(boxes)
+        return rgb.shape[:2]
+
+    def _to_frame(self, coords, size, boxes: bool):
+        """Original pixels -> the prompt frame, with the predictor's own transform."""
+        import torch
+
+        t = torch.from_numpy(np.asarray(coords, np.float32))
         transform = self.predictor.transform
-        if type(self.predictor).__name__ == "EfficientViTSamPredictor":
-            boxes_t = transform.apply_boxes_torch(boxes_t)  # uses the sizes set_image recorded
-        else:
-            boxes_t = transform.apply_boxes_torch(boxes_t, rgb.shape[:2])
+        if type(self.predictor).__name__ == "EfficientViTSamPredictor":  # uses the sizes set_image recorded
+            return transform.apply_boxes_torch(t) if boxes else transform.apply_coords_torch(t)
+        return transform.apply_boxes_torch(t, size) if boxes else transform.apply_coords_torch(t, size)
+
+    def predict_prompts(self, image_bytes: bytes, boxes=None, points=None, labels=None, mask_input=None,
+                        multimask: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`predict_torch` on B prompts of the same kinds, as upstream batches them:
+        boxes (B, 4), points (B, P, 2) with labels (B, P), mask_input (B, 256, 256),
+        all in original pixels; returns masks (B, K, H, W) bool, scores (B, K) and
+        low-res logits (B, K, 256, 256), K = 3 with multimask, else 1."""
+        import torch
+
+        size = self._set_image(image_bytes)
+        coords = None if points is None else self._to_frame(points, size, boxes=False)
+        label_t = None if labels is None else torch.from_numpy(np.asarray(labels, np.int32))
+        box_t = None if boxes is None else self._to_frame(boxes, size, boxes=True)
+        mask_t = None if mask_input is None else torch.from_numpy(np.array(mask_input, np.float32))[:, None]
         with torch.no_grad():
-            masks, iou, _ = self.predictor.predict_torch(None, None, boxes=boxes_t, multimask_output=False)
-        return masks[:, 0].numpy(), iou[:, 0].numpy()
+            masks, iou, low_res = self.predictor.predict_torch(coords, label_t, boxes=box_t, mask_input=mask_t,
+                                                               multimask_output=multimask)
+        return masks.numpy(), iou.numpy(), low_res.numpy()
+
+    def predict(self, image_bytes: bytes, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(masks (N, H, W) bool, scores (N,)) for single-mask box prompts."""
+        masks, iou, _ = self.predict_prompts(image_bytes, boxes=boxes)
+        return masks[:, 0], iou[:, 0]
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""Bad requests get INVALID_ARG naming the field, over gRPC and HTTP, and the server stays READY.
+"""Bad requests (images, boxes, points, labels, mask inputs, parameters) get INVALID_ARG
+naming the field, over gRPC and HTTP, and the server stays READY.
 
 Requests are built with tritonclient directly (not the SDK, which catches some
 of these before sending) so the server's own checks are what is tested.
@@ -43,6 +44,51 @@ CASES = {
     "zero-boxes": (GOOD_JPEG, np.zeros((0, 4), np.float32), "FP32", None, "boxes"),
     "too-many-boxes": (GOOD_JPEG, np.tile(GOOD_BOXES, (257, 1)), "FP32", None, "boxes"),
     "unknown-output-parameter": (GOOD_JPEG, GOOD_BOXES, "FP32", {"outputs": "scores,logits"}, "parameters.outputs"),
+    "multimask-not-a-bool": (GOOD_JPEG, GOOD_BOXES, "FP32", {"multimask_output": "yes"},
+                             "parameters.multimask_output"),
+}
+
+# Prompts beyond boxes: name -> (prompt inputs {name: (array, wire dtype)}, field named in the error).
+ONE_CLICK = np.array([[[100, 80]]], np.float32)
+CLICKS = np.array([[[100, 80], [150, 90]], [[30, 40], [0, 0]]], np.float32)
+CLICK_LABELS = np.array([[1, 0], [1, -1]], np.int32)
+
+
+def _prompts(**inputs):
+    return {k: (v, "INT32" if v.dtype == np.int32 else "FP32") for k, v in inputs.items()}
+
+
+PROMPT_CASES = {
+    "point-nan": (_prompts(points=np.array([[[np.nan, 10]]], np.float32), point_labels=np.ones((1, 1), np.int32)),
+                  "points"),
+    "point-inf": (_prompts(points=np.array([[[5, np.inf]]], np.float32), point_labels=np.ones((1, 1), np.int32)),
+                  "points"),
+    "label-7": (_prompts(points=ONE_CLICK, point_labels=np.full((1, 1), 7, np.int32)), "point_labels"),
+    "labels-p-mismatch": (_prompts(points=CLICKS, point_labels=np.ones((2, 3), np.int32)), "point_labels"),
+    "labels-n-mismatch": (_prompts(points=CLICKS, point_labels=np.ones((1, 2), np.int32)), "point_labels"),
+    "all-labels-padding": (_prompts(points=CLICKS, point_labels=np.full((2, 2), -1, np.int32)), "point_labels"),
+    "one-prompt-all-padding": (_prompts(points=CLICKS, point_labels=np.array([[1, 0], [-1, -1]], np.int32)),
+                               "point_labels"),
+    "points-without-labels": (_prompts(points=CLICKS), "point_labels"),
+    "labels-without-points": (_prompts(point_labels=CLICK_LABELS), "points"),
+    "no-prompt-at-all": ({}, "boxes"),
+    "point-outside-image": (_prompts(points=np.array([[[400, 20]]], np.float32), point_labels=np.ones((1, 1), np.int32)),
+                            "points"),
+    "points-wrong-rank": (_prompts(points=np.zeros((2, 2), np.float32), point_labels=np.ones((2, 1), np.int32)),
+                          "points"),
+    "labels-fp32": ({"points": (CLICKS, "FP32"), "point_labels": (CLICK_LABELS.astype(np.float32), "FP32")},
+                    "point_labels"),
+    "too-many-points": (_prompts(points=np.full((1, 33, 2), 5, np.float32), point_labels=np.ones((1, 33), np.int32)),
+                        "points"),
+    "boxes-and-points-n-differ": (_prompts(boxes=np.tile(GOOD_BOXES, (3, 1)), points=CLICKS,
+                                           point_labels=CLICK_LABELS), "points"),
+    "mask-inputs-wrong-size": (_prompts(points=CLICKS, point_labels=CLICK_LABELS,
+                                        mask_inputs=np.zeros((2, 128, 128), np.float32)), "mask_inputs"),
+    "mask-inputs-wrong-count": (_prompts(points=CLICKS, point_labels=CLICK_LABELS,
+                                         mask_inputs=np.zeros((1, 256, 256), np.float32)), "mask_inputs"),
+    "mask-inputs-nan": (_prompts(points=CLICKS, point_labels=CLICK_LABELS,
+                                 mask_inputs=np.full((2, 256, 256), np.nan, np.float32)), "mask_inputs"),
+    "mask-inputs-only": (_prompts(mask_inputs=np.zeros((1, 256, 256), np.float32)), "boxes"),
 }
 
 
@@ -54,33 +100,51 @@ def _module(protocol):
     return m
 
 
-def _infer_raw(server, protocol, image_bytes, boxes, box_dtype, parameters):
+def _infer_raw(server, protocol, image_bytes, boxes, box_dtype, parameters, prompts=None):
+    """A `sam` request with tritonclient alone; `prompts` ({name: (array, dtype)})
+    replaces the boxes when given."""
     m = _module(protocol)
     client = m.InferenceServerClient(server.url(protocol))
     try:
         image = m.InferInput("image", [1], "BYTES")
         image.set_data_from_numpy(np.array([image_bytes], dtype=np.object_))
-        box_input = m.InferInput("boxes", list(boxes.shape), box_dtype)
-        box_input.set_data_from_numpy(boxes)
+        inputs = [image]
+        for name, (array, dtype) in (prompts if prompts is not None else {"boxes": (boxes, box_dtype)}).items():
+            tensor = m.InferInput(name, list(array.shape), dtype)
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
         outputs = [m.InferRequestedOutput("scores"), m.InferRequestedOutput("masks_rle")]
-        return client.infer("sam", [image, box_input], outputs=outputs, parameters=parameters)
+        return client.infer("sam", inputs, outputs=outputs, parameters=parameters)
     finally:
         client.close()
+
+
+def _assert_invalid_arg(m, call, field, label):
+    with pytest.raises(m.InferenceServerException) as info:
+        call()
+    status = str(info.value.status())
+    assert status in ("StatusCode.INVALID_ARGUMENT", "400"), f"{status}: {info.value.message()}"
+    error = from_triton(info.value)
+    assert isinstance(error, InvalidInputError)
+    assert field in info.value.message(), info.value.message()
+    assert error.field == field, (error.field, info.value.message())
+    print(f"\n{label}: {info.value.message()}")
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_request_is_invalid_arg_naming_the_field(triton_server, protocol, case):
     image_bytes, boxes, dtype, params, field = CASES[case]
-    m = _module(protocol)
-    with pytest.raises(m.InferenceServerException) as info:
-        _infer_raw(triton_server, protocol, image_bytes, boxes, dtype, params)
-    status = str(info.value.status())
-    assert status in ("StatusCode.INVALID_ARGUMENT", "400"), f"{status}: {info.value.message()}"
-    error = from_triton(info.value)
-    assert isinstance(error, InvalidInputError)
-    assert field in info.value.message(), info.value.message()
-    print(f"\n{protocol} {case}: {info.value.message()}")
+    _assert_invalid_arg(_module(protocol), lambda: _infer_raw(triton_server, protocol, image_bytes, boxes, dtype, params),
+                        field, f"{protocol} {case}")
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+@pytest.mark.parametrize("case", list(PROMPT_CASES))
+def test_bad_prompt_is_invalid_arg_naming_the_field(triton_server, protocol, case):
+    prompts, field = PROMPT_CASES[case]
+    _assert_invalid_arg(_module(protocol), lambda: _infer_raw(triton_server, protocol, GOOD_JPEG, None, None, None,
+                                                              prompts), field, f"{protocol} {case}")
 
 
 def test_server_stays_ready_and_serves_after_bad_requests(triton_server):
@@ -103,8 +167,9 @@ def test_sdk_raises_typed_error_with_field(triton_server):
 
 
 def test_bad_requests_fail_alone_among_concurrent_good_ones(triton_server):
-    """Good and bad requests in flight together: each bad one gets INVALID_ARG,
-    every good one its masks (the same as when sent alone)."""
+    """Good and bad requests (boxes and clicks) in flight together: each bad one
+    gets INVALID_ARG naming its field, every good one its masks (the same as
+    when sent alone)."""
     from concurrent.futures import ThreadPoolExecutor
 
     with SamClient(triton_server.grpc_url) as client:
@@ -123,11 +188,32 @@ def test_bad_requests_fail_alone_among_concurrent_good_ones(triton_server):
             return from_triton(e), field
         return None, field
 
-    with ThreadPoolExecutor(max_workers=8) as pool:
+    def bad_prompt(case):
+        prompts, field = PROMPT_CASES[case]
+        try:
+            _infer_raw(triton_server, "grpc", GOOD_JPEG, None, None, None, prompts)
+        except Exception as e:  # noqa: BLE001 - inspected below
+            return from_triton(e), field
+        return None, field
+
+    def good_clicks(_):
+        with SamClient(triton_server.grpc_url) as client:
+            return client.segment(GOOD_JPEG, points=CLICKS, point_labels=CLICK_LABELS)
+
+    with SamClient(triton_server.grpc_url) as client:
+        clicks_alone = client.segment(GOOD_JPEG, points=CLICKS, point_labels=CLICK_LABELS)
+    with ThreadPoolExecutor(max_workers=12) as pool:
         good_futures = [pool.submit(good, i) for i in range(4)]
+        click_futures = [pool.submit(good_clicks, i) for i in range(4)]
         bad_futures = [pool.submit(bad, c) for c in bad_cases]
+        bad_futures += [pool.submit(bad_prompt, c) for c in ("point-nan", "label-7", "labels-p-mismatch",
+                                                              "mask-inputs-wrong-count", "all-labels-padding")]
         goods = [f.result(timeout=300) for f in good_futures]
+        clicks = [f.result(timeout=300) for f in click_futures]
         bads = [f.result(timeout=300) for f in bad_futures]
+    for result in clicks:
+        np.testing.assert_allclose(result.scores, clicks_alone.scores, atol=1e-5)
+        assert mask_iou(result.masks, clicks_alone.masks).min() >= 0.999
     # Concurrent requests share encoder batches; batched GEMMs round differently
     # in the last bits, so compare with a tolerance rather than bit for bit.
     for result in goods:

@@ -145,70 +145,140 @@ def test_encode_rejects_bad_image(triton_server):
     assert info.value.field == "image"
 
 
-def _decoder_request(server, embeddings, model_boxes):
+def _decoder_request(server, request, multimask=False):
+    """A DecoderRequest sent to the decoder model directly (its inputs as the ensemble passes them)."""
     import tritonclient.grpc as g
 
     client = g.InferenceServerClient(server.grpc_url)
     try:
-        emb = g.InferInput("image_embeddings", list(embeddings.shape), "FP32")
-        emb.set_data_from_numpy(embeddings)
-        boxes = g.InferInput("model_boxes", list(model_boxes.shape), "FP32")
-        boxes.set_data_from_numpy(model_boxes)
-        r = client.infer(DECODER, [emb, boxes])
-        return r.as_numpy("low_res_masks"), r.as_numpy("iou_predictions")
+        inputs = []
+        for name, array in ((spec.IMAGE_EMBEDDINGS_NAME, request.embeddings), (spec.PROMPT_COORDS_NAME, request.coords),
+                            (spec.PROMPT_LABELS_NAME, request.labels),
+                            (spec.MODEL_MASK_INPUTS_NAME, request.mask_inputs),
+                            (spec.HAS_MASK_INPUT_NAME, request.has_mask_input)):
+            tensor = g.InferInput(name, list(array.shape), "INT32" if array.dtype == np.int32 else "FP32")
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+        r = client.infer(DECODER, inputs, parameters={"multimask_output": multimask})
+        return r.as_numpy(spec.LOW_RES_MASKS_NAME), r.as_numpy(spec.IOU_PREDICTIONS_NAME)
     finally:
         client.close()
 
 
 def test_decoder_ragged_batch_with_a_bad_request_inside(triton_server, pipeline):
-    """Requests with 1, 3 and 7 boxes on two images and two bad ones reach the
-    decoder together; the bad ones fail alone, the rest match one-at-a-time."""
+    """Requests of every prompt kind (boxes; 1-4 points; box + points with mask
+    inputs; a click with a mask input) on two images, single-mask and
+    multimask, and two bad ones, reach the decoder together; the bad ones fail
+    alone, the rest match one-at-a-time."""
+    from dataclasses import replace
+
+    from samtriton.serving import decoder_batch
+
     images = [sample_scene(500, 375, seed=s)[0] for s in (4000, 4001)]
-    embeddings = []
-    for img in images:
-        pre = pipeline.preprocess(encode(img, "PNG"))
-        embeddings.append(pipeline.encode(pre))
-    rng = np.random.default_rng(5)
-    good = [
-        (embeddings[0], random_boxes(rng, 1, 1024, 768)[None]),
-        (embeddings[1], random_boxes(rng, 3, 1024, 768)[None]),
-        (embeddings[0], random_boxes(rng, 7, 1024, 768)[None]),
-    ]
-    nan_boxes = random_boxes(rng, 2, 1024, 768)[None]
-    nan_boxes[0, 1, 2] = np.nan
-    bad = [(embeddings[1], nan_boxes), (embeddings[0], np.zeros((1, 0, 4), np.float32))]
-    busy = (embeddings[1], random_boxes(rng, 47, 1024, 768)[None])  # occupies the decoder meanwhile
+    embeddings = np.concatenate([pipeline.encode(pipeline.preprocess(encode(img, "PNG"))) for img in images])
+    good = decoder_batch.sample_requests(np.random.default_rng(5), images=embeddings)
+    multimask = [False, True, False, True]
+    nan_points = replace(good[1], coords=np.where(np.arange(good[1].coords.size).reshape(good[1].coords.shape) == 3,
+                                                  np.nan, good[1].coords).astype(np.float32))
+    only_filler = replace(good[0], labels=np.full_like(good[0].labels, spec.LABEL_ABSENT))
+    bad = [nan_points, only_filler]
+    busy = decoder_batch.sample_requests(np.random.default_rng(6), images=embeddings)[0]  # occupies the decoder
+    busy = replace(busy, coords=np.tile(busy.coords, (1, 16, 1, 1)), labels=np.tile(busy.labels, (1, 16, 1)),
+                   has_mask_input=np.tile(busy.has_mask_input, (1, 16)))
 
     before = _stats(triton_server, DECODER)
     outcomes = {}
 
-    def call(key, emb, boxes):
+    def call(key, request, multi=False):
         try:
-            outcomes[key] = _decoder_request(triton_server, emb, boxes)
+            outcomes[key] = _decoder_request(triton_server, request, multi)
         except Exception as e:  # noqa: BLE001 - inspected below
             outcomes[key] = e
 
-    threads = [threading.Thread(target=call, args=("busy", *busy))]
+    threads = [threading.Thread(target=call, args=("busy", busy))]
     threads[0].start()
     time.sleep(0.5)
-    for key, (emb, boxes) in [*((f"good{i}", g) for i, g in enumerate(good)), *((f"bad{i}", b) for i, b in enumerate(bad))]:
-        threads.append(threading.Thread(target=call, args=(key, emb, boxes)))
+    jobs = [*((f"good{i}", g, m) for i, (g, m) in enumerate(zip(good, multimask))),
+            *((f"bad{i}", b, False) for i, b in enumerate(bad))]
+    for key, request, multi in jobs:
+        threads.append(threading.Thread(target=call, args=(key, request, multi)))
         threads[-1].start()
     for t in threads:
         t.join(300)
-    dec = _settled_delta(triton_server, DECODER, before, {"inference_count": 6})
+    dec = _settled_delta(triton_server, DECODER, before, {"inference_count": 7})
     print(f"\n{DECODER}: {dec}")
-    # The busy request alone, then the five others (bad ones included) in one
+    # The busy request alone, then the six others (bad ones included) in one
     # execute() call.  (Triton counts a python model's per-request error
     # responses as successful executions.)
-    assert dec["inference_count"] == 6 and dec["execution_count"] <= 2
+    assert dec["inference_count"] == 7 and dec["execution_count"] <= 2
 
-    for i, (emb, boxes) in enumerate(good):
+    for i, (request, multi) in enumerate(zip(good, multimask)):
         low_res, iou = outcomes[f"good{i}"]
-        ref_low, ref_iou = pipeline.decode(emb, boxes[0])
-        assert low_res.shape == (1, boxes.shape[1], 256, 256) and iou.shape == (1, boxes.shape[1])
+        ref_low, ref_iou = pipeline.decode(request.embeddings, _prompts_of(request), multi)
+        k = 3 if multi else 1
+        assert low_res.shape == (1, request.prompts, k, 256, 256) and iou.shape == (1, request.prompts, k)
         np.testing.assert_allclose(iou[0], ref_iou, atol=1e-5)
         assert np.mean((low_res[0] > 0) == (ref_low > 0)) > 0.9999
-    for i in range(len(bad)):
+    fields = [spec.PROMPT_COORDS_NAME, spec.PROMPT_LABELS_NAME]
+    for i, field in enumerate(fields):
         error = from_triton(outcomes[f"bad{i}"])
-        assert isinstance(error, InvalidInputError) and error.field == "model_boxes", error
+        assert isinstance(error, InvalidInputError) and error.field == field, error
+
+
+def _prompts_of(request):
+    from samtriton.serving.prompts import Prompts
+
+    return Prompts(request.coords[0], request.labels[0], request.mask_inputs[0], request.has_mask_input[0])
+
+
+def _mixed_workload(seed: int, images: list[bytes], sizes: list[tuple[int, int]]):
+    """(image, keyword arguments of segment) of every prompt kind, on `images`."""
+    rng = np.random.default_rng(seed)
+    work = []
+    for i in range(CONCURRENCY):
+        image, (w, h) = images[i % len(images)], sizes[i % len(images)]
+        n = 1 + i % 3
+        points = rng.uniform([0, 0], [w, h], size=(n, 1 + i % 4, 2)).astype(np.float32)
+        labels = rng.integers(0, 2, size=points.shape[:2]).astype(np.int32)
+        labels[:, 0] = 1
+        kind = i % 4
+        if kind == 0:
+            kwargs = {"boxes": random_boxes(rng, n, w, h)}
+        elif kind == 1:
+            kwargs = {"points": points, "point_labels": labels, "multimask": True}
+        elif kind == 2:
+            kwargs = {"boxes": random_boxes(rng, n, w, h), "points": points, "point_labels": labels}
+        else:
+            masks = rng.standard_normal((n, 256, 256)).astype(np.float32) * 4
+            kwargs = {"points": points, "point_labels": labels, "mask_input": masks}
+        work.append((image, kwargs))
+    return work
+
+
+def test_mixed_prompt_kinds_share_decoder_calls_and_get_their_own_masks(triton_server, pipeline):
+    """16 clients in flight at once with boxes, clicks (multimask), box + clicks
+    and refinements on 4 cached images: the decoder batches them across kinds
+    and each gets what it gets alone."""
+    sizes = [(480, 320), (320, 480), (400, 400), (640, 360)]
+    images = [encode(sample_scene(w, h, seed=5000 + i)[0], "JPEG", quality=90) for i, (w, h) in enumerate(sizes)]
+    work = _mixed_workload(5100, images, sizes)
+    with SamClient(triton_server.grpc_url) as client:
+        for image in images:
+            client.encode(image)
+    enc0, dec0 = _stats(triton_server, ENCODER), _stats(triton_server, DECODER)
+    with SamClient(triton_server.grpc_url) as client:
+        results = client.segment_many(work, concurrency=CONCURRENCY)
+    dec = _settled_delta(triton_server, DECODER, dec0, {"inference_count": CONCURRENCY})
+    enc = _settled_delta(triton_server, ENCODER, enc0, {"cache_hit": CONCURRENCY})
+    print(f"\n{DECODER} over {CONCURRENCY} mixed requests: {dec}; {ENCODER}: {enc}")
+    assert dec["inference_count"] == CONCURRENCY
+    assert dec["execution_count"] < dec["inference_count"]  # several kinds per decoder call
+    assert enc["cache_hit"] == CONCURRENCY and enc["inference_count"] == 0
+    for result, (image, kwargs) in zip(results, work):
+        multi = kwargs.get("multimask", False)
+        masks, scores = pipeline.segment(image, kwargs.get("boxes"), points=kwargs.get("points"),
+                                         point_labels=kwargs.get("point_labels"),
+                                         mask_inputs=kwargs.get("mask_input"), multimask=multi)
+        assert result.masks.shape == masks.shape and result.multimask == multi
+        np.testing.assert_allclose(result.scores, scores, atol=1e-5)
+        assert mask_iou(result.masks.reshape(-1, *masks.shape[-2:]), masks.reshape(-1, *masks.shape[-2:])).min() >= 0.999

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -123,8 +124,9 @@ def _served_report(built_repository, random_checkpoints, name):
 @pytest.mark.parametrize("name", ["mobilesam", "efficientvit-sam-l0"])
 def test_onnx_matches_pytorch(built_repository, random_checkpoints, name):
     """The served repository's graphs vs the upstream modules: encoder at batch 2
-    (a frozen batch size would fail to run or diverge), decoder with boxes of
-    two images in one call.  (sam-vit-b's figures come from its build's own
+    (a frozen batch size would fail to run or diverge), decoder with every
+    prompt kind (boxes, points, box + points, mask inputs) of two images in
+    one call, all four mask tokens, against upstream prompt by prompt.  (sam-vit-b's figures come from its build's own
     check, printed in the build output: re-running its encoder here would
     add a minute and a half.)"""
     build_output, report = _served_report(built_repository, random_checkpoints, name)
@@ -150,3 +152,28 @@ def test_module_level_parity(tmp_path, name):
     report = check_parity(sam, variant.encoder_size, tmp_path / "encoder.onnx", tmp_path / "decoder.onnx")
     print(f"\n{name}\n" + "\n".join(report.lines()))
     assert not report.problems(), report.problems()
+
+
+def test_a_mixed_batch_answers_each_request_as_alone(built_repository):
+    """The served decoder graph on one call holding every prompt kind (different
+    prompt and token counts, with and without mask inputs, single-mask and
+    multimask requests) gives each request what it gets alone: filler tokens
+    and batch-mates change nothing."""
+    from samtriton.serving import decoder_batch
+    from samtriton.serving.onnx_runtime import decode, make_session
+
+    repo, _ = built_repository
+    session = make_session(str(repo / spec.model_names("mobilesam").mask_decoder / "1" / "model.onnx"))
+    requests = decoder_batch.sample_requests(np.random.default_rng(5))
+    multimask = [True, False, False, True]
+    call = decoder_batch.stack(requests, multimask)
+    assert call.tokens == (0, 1, 2, 3) and len({r.labels.shape[2] for r in requests}) > 1
+    together = decoder_batch.split(*decode(session, call.feeds), call, requests, multimask)
+    for request, multi, (masks, scores) in zip(requests, multimask, together):
+        alone_call = decoder_batch.stack([request], [multi])
+        (alone_masks, alone_scores), = decoder_batch.split(*decode(session, alone_call.feeds), alone_call,
+                                                           [request], [multi])
+        assert masks.shape == alone_masks.shape and masks.shape[2] == (3 if multi else 1)
+        np.testing.assert_allclose(scores, alone_scores, atol=1e-5)
+        np.testing.assert_allclose(masks, alone_masks, atol=1e-4)
+        assert np.mean((masks > 0) == (alone_masks > 0)) > 0.9999

@@ -113,6 +113,48 @@ def test_segment_prints_masks_and_writes_overlay_and_json(triton_server, tmp_pat
     assert [m["area"] for m in doc["masks"]] == direct.areas.tolist()
 
 
+def test_segment_with_clicks_multimask_and_refinement(triton_server, tmp_path):
+    """--point clicks (foreground, background), --multimask, --save-logits then
+    --mask-input: the same answers as the SDK gives."""
+    scene, _ = sample_scene(400, 300, seed=10)
+    image = tmp_path / "scene.png"
+    scene.save(image)
+    out_json, logits, overlay = tmp_path / "clicks.json", tmp_path / "prev.npy", tmp_path / "clicks.png"
+    clicks = ["--point", "120,80", "--point", "300,90,0"]
+    proc = _run(["segment", str(image), *clicks, "--multimask", "--url", triton_server.grpc_url,
+                 "--json", str(out_json), "--save-logits", str(logits), "--overlay", str(overlay)])
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("mask ")]
+    assert len(lines) == 1 and lines[0].count("px)") == 3 and "points=120,80+ 300,90-" in lines[0]
+    doc = json.loads(out_json.read_text())
+    (entry,) = doc["masks"]
+    assert doc["multimask"] and entry["points"] == [[120, 80], [300, 90]] and entry["point_labels"] == [1, 0]
+    with SamClient(triton_server.grpc_url) as client:
+        direct = client.segment(str(image), points=[[120, 80], [300, 90]], point_labels=[1, 0], multimask=True,
+                                return_low_res_logits=True)
+        refined = client.segment(str(image), points=[[120, 80]], mask_input=direct.low_res_logits[:, 0])
+    assert [round(c["score"], 5) for c in entry["candidates"]] == [round(float(v), 5) for v in direct.scores[0]]
+    assert np.array_equal(decode_rle([json.dumps(c["segmentation"]) for c in entry["candidates"]]), direct.masks[0])
+    saved = np.load(logits)
+    assert saved.shape == (1, 3, 256, 256) and np.allclose(saved, direct.low_res_logits, atol=1e-5)
+    assert Image.open(overlay).size == (400, 300)
+
+    np.save(logits, saved[:, 0])
+    proc = _run(["segment", str(image), "--point", "120,80", "--mask-input", str(logits),
+                 "--url", triton_server.grpc_url])
+    assert proc.returncode == 0, proc.stderr
+    score = float(proc.stdout.split("score=")[1].split()[0])
+    assert abs(score - float(refined.scores[0])) < 1e-4
+
+    help_text = _run(["segment", "--help"]).stdout
+    for flag in ("--point", "--multimask", "--mask-input", "--save-logits", "x,y[,label]"):
+        assert flag in help_text
+    for bad, message in ((["--point", "1,2,7"], "label must be 1"), (["--point", "1"], "expected x,y"),
+                         (["--box", "0,0,5,5", "--box", "1,1,6,6", "--point", "2,2"], "ambiguous"), ([], "at least one")):
+        proc = _run(["segment", str(image), *bad, "--url", triton_server.grpc_url])
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
 def test_segment_reports_unreachable_server(tmp_path):
     scene, boxes = sample_scene(64, 48)
     scene.save(tmp_path / "s.png")
@@ -186,7 +228,8 @@ def _children(pid: int) -> list[int]:
 def test_serving_path_never_loads_torch(triton_server):
     code = (
         "import sys, samtriton.client, samtriton.serving.preprocessing, samtriton.serving.postprocessing, "
-        "samtriton.serving.onnx_runtime, samtriton.serving.outputs, samtriton.spec, samtriton.server, "
+        "samtriton.serving.onnx_runtime, samtriton.serving.request_parameters, samtriton.serving.prompts, "
+        "samtriton.serving.decoder_batch, samtriton.spec, samtriton.server, "
         "samtriton.client.overlay; assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
@@ -198,3 +241,16 @@ def test_serving_path_never_loads_torch(triton_server):
     assert sum("onnxruntime" in m for m in maps.values()) >= 2
     for pid, m in maps.items():
         assert "libtorch" not in m, f"stub {pid} loaded torch"
+
+
+def test_demo_segments_boxes_then_runs_a_click_session(built_repository, tmp_path):
+    repo, _ = built_repository
+    overlay = tmp_path / "demo_overlay.png"
+    proc = _run(["demo", "--model-repository", str(repo), "--overlay", str(overlay)], timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "RANDOM WEIGHTS" not in proc.stderr  # the test repository is built from checkpoint files
+    assert proc.stdout.count("\nmask ") + proc.stdout.startswith("mask ") == 6
+    clicks = [line for line in proc.stdout.splitlines() if line.startswith(("  encode", "  click"))]
+    assert len(clicks) == 4 and all(line.rstrip().split()[-1].startswith("area=") for line in clicks[1:])
+    for name in ("demo_overlay.png", "demo_overlay_clicks.png", "demo_input.jpg", "demo_input.png"):
+        assert Image.open(tmp_path / name).size == (800, 533)

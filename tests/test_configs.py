@@ -69,10 +69,16 @@ def test_triton_conventions():
     cfgs = _generated()
     ens = cfgs[spec.ENSEMBLE]
     assert ens.platform == "ensemble" and ens.max_batch_size == 0
-    assert [t.name for t in ens.input] == ["image", "boxes"]
+    inputs = {t.name: (mc.DataType.Name(t.data_type), list(t.dims), t.optional) for t in ens.input}
+    assert inputs == {
+        "image": ("TYPE_STRING", [1], False),
+        "boxes": ("TYPE_FP32", [-1, 4], True),
+        "points": ("TYPE_FP32", [-1, -1, 2], True),
+        "point_labels": ("TYPE_INT32", [-1, -1], True),
+        "mask_inputs": ("TYPE_FP32", [-1, 256, 256], True),
+    }
+    assert [t.name for t in ens.output] == ["scores", "masks_rle", "masks", "low_res_logits"]
     assert cfgs[spec.ENCODE_ENSEMBLE].platform == "ensemble"
-    assert mc.DataType.Name(ens.input[0].data_type) == "TYPE_STRING"
-    assert list(ens.input[1].dims) == [-1, 4]
     for name in (NAMES.preprocess, NAMES.postprocess, NAMES.image_encoder, NAMES.mask_decoder):
         assert cfgs[name].backend == "python"
         assert cfgs[name].instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
@@ -83,8 +89,10 @@ def test_triton_conventions():
 @pytest.mark.parametrize("ensemble", ZOO_ENSEMBLES)
 def test_ensemble_wiring_is_closed(ensemble):
     """Each step's mapped inputs exist (ensemble input or an earlier step's output)
-    with the same full shape, unmapped inputs are optional, and every ensemble
-    output is produced; for every variant's ensembles and the aliases."""
+    with the same full shape, unmapped inputs are optional, an optional ensemble
+    input only feeds optional step inputs (Triton passes it on absent), and
+    every ensemble output is produced; for every variant's ensembles and the
+    aliases."""
     cfgs = _zoo()
     ens = cfgs[ensemble]
 
@@ -96,6 +104,7 @@ def test_ensemble_wiring_is_closed(ensemble):
         return len(a) == len(b) and all(x == y or -1 in (x, y) for x, y in zip(a, b))
 
     available = {t.name: tuple(t.dims) for t in ens.input}
+    optional = {t.name for t in ens.input if t.optional}
     for step in ens.ensemble_scheduling.step:
         model = cfgs[step.model_name]
         model_inputs = {t.name: t for t in model.input}
@@ -104,6 +113,7 @@ def test_ensemble_wiring_is_closed(ensemble):
             assert name in step.input_map or tensor.optional, f"{step.model_name}.{name} is never fed"
         for model_input, ens_tensor in step.input_map.items():
             assert ens_tensor in available, f"{step.model_name} reads {ens_tensor} before it exists"
+            assert ens_tensor not in optional or model_inputs[model_input].optional, (step.model_name, model_input)
             want = full_dims(model, model_inputs[model_input])
             assert compatible(want, available[ens_tensor]), (step.model_name, model_input, want)
         model_outputs = {t.name: t for t in model.output}
@@ -119,10 +129,14 @@ def test_batching_and_cache_settings():
     dec = cfgs[NAMES.mask_decoder]
     assert dec.max_batch_size > 1 and dec.HasField("dynamic_batching")
     ragged = {t.name: t.allow_ragged_batch for t in dec.input}
-    assert ragged == {"image_embeddings": False, "model_boxes": True}
+    assert ragged == {"image_embeddings": False, "prompt_coords": True, "prompt_labels": True,
+                      "model_mask_inputs": True, "has_mask_input": True}
     assert cfgs[NAMES.image_encoder].response_cache.enable
-    assert {t.name: t.optional for t in cfgs[NAMES.preprocess].input} == {"image": False, "boxes": True}
-    assert not any(t.optional for t in cfgs[spec.ENSEMBLE].input)
+    optional = {t.name: t.optional for t in cfgs[NAMES.preprocess].input}
+    assert optional == {"image": False, "boxes": True, "points": True, "point_labels": True, "mask_inputs": True}
+    # The CPU preprocess pads prompts per request; the limits reach it.
+    params = {k: v.string_value for k, v in cfgs[NAMES.preprocess].parameters.items()}
+    assert (params["pad_prompt_tokens"], params["max_points"], params["max_boxes"]) == ("0", "32", "256")
 
 
 def test_build_parameters_are_stated(tmp_path):

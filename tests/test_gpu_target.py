@@ -45,25 +45,33 @@ def test_gpu_configs_are_tensorrt_models_with_ragged_decoder():
             assert [g.kind for g in cfg.instance_group] == [mc.ModelInstanceGroup.KIND_GPU]
             assert cfg.HasField("dynamic_batching")
         assert list(enc.input[0].dims) == [3, v.encoder_size, v.encoder_size] and enc.response_cache.enable
-        boxes = next(t for t in dec.input if t.name == spec.MODEL_BOXES_NAME)
-        assert boxes.allow_ragged_batch and list(boxes.dims) == [-1, 4] and list(boxes.reshape.shape) == [-1]
-        (batch_input,) = dec.batch_input
-        assert batch_input.kind == mc.BatchInput.BATCH_ACCUMULATED_ELEMENT_COUNT
-        assert list(batch_input.target_name) == [spec.BOXES_ACCUMULATED_NAME]
-        assert list(batch_input.source_input) == [spec.MODEL_BOXES_NAME]
+        ragged = {t.name: (list(t.dims), list(t.reshape.shape)) for t in dec.input if t.allow_ragged_batch}
+        assert ragged == {spec.PROMPT_COORDS_NAME: ([-1, -1, 2], [-1]), spec.PROMPT_LABELS_NAME: ([-1, -1], [-1]),
+                          spec.MODEL_MASK_INPUTS_NAME: ([-1, 256, 256], [-1]), spec.HAS_MASK_INPUT_NAME: ([-1], [])}
+        counts = {tuple(b.target_name): (b.kind, tuple(b.source_input)) for b in dec.batch_input}
+        kind = mc.BatchInput.BATCH_ACCUMULATED_ELEMENT_COUNT
+        assert counts == {(spec.LABELS_ACCUMULATED_NAME,): (kind, (spec.PROMPT_LABELS_NAME,)),
+                          (spec.MASKS_ACCUMULATED_NAME,): (kind, (spec.MODEL_MASK_INPUTS_NAME,))}
         (batch_output,) = dec.batch_output
         assert batch_output.kind == mc.BatchOutput.BATCH_SCATTER_WITH_INPUT_SHAPE
+        # Scattered by a per-prompt input: one element per prompt of the request.
+        assert list(batch_output.source_input) == [spec.HAS_MASK_INPUT_NAME]
         assert set(batch_output.target_name) == {spec.LOW_RES_MASKS_NAME, spec.IOU_PREDICTIONS_NAME}
+        assert [list(t.dims) for t in dec.output] == [[-1, 4, 256, 256], [-1, 4]]  # every mask token
+        tokens = spec.gpu_prompt_tokens(GPU.limits.max_points)
+        assert dec.parameters["prompt_tokens"].string_value == str(tokens)
+        assert cfgs[names.preprocess].parameters["pad_prompt_tokens"].string_value == str(tokens)
         # The CPU-side steps are the very same models as on the CPU target.
         cpu = model_configs([v], {v.name: WeightsInfo("w", random=False)}, ServingOptions())
         for name in (names.preprocess, spec.POSTPROCESS, names.ensemble, names.encode_ensemble):
             if name == spec.POSTPROCESS:
                 continue  # lists the variants it serves
-            gpu_cfg = mc.ModelConfig()
+            gpu_cfg, cpu_cfg = mc.ModelConfig(), mc.ModelConfig()
             gpu_cfg.CopyFrom(cfgs[name])
-            cpu_cfg = cpu[name]
+            cpu_cfg.CopyFrom(cpu[name])
             for cfg in (gpu_cfg, cpu_cfg):
                 cfg.ClearField("instance_group")
+                cfg.parameters.pop("pad_prompt_tokens", None)  # the GPU's fixed token count, checked above
             assert gpu_cfg == cpu_cfg, name
         assert cfgs[names.preprocess].instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
     for cfg in cfgs.values():  # Triton's own schema reads them back unchanged
@@ -77,14 +85,19 @@ def test_profiles_cover_what_triton_may_send():
     lo, opt, hi = enc.shapes[spec.PIXEL_VALUES_NAME]
     assert lo == (1, 3, 512, 512) and hi == (GPU.encoder_max_batch_size, 3, 512, 512) and lo <= opt <= hi
     dec = profile_from_config(cfgs[names.mask_decoder], 512)
-    lo, opt, hi = dec.shapes[spec.MODEL_BOXES_NAME]
-    # The largest call: every request of a full batch at the box limit.
-    assert hi == (4 * GPU.decoder_max_batch_size * GPU.limits.max_boxes,) and hi[0] // 4 >= 256
-    assert lo == (4,) and opt == (4 * 32,)
+    tokens = spec.gpu_prompt_tokens(GPU.limits.max_points)
+    most = GPU.decoder_max_batch_size * GPU.limits.max_boxes  # every request of a full batch at the limit
+    assert dec.shapes[spec.PROMPT_LABELS_NAME] == ((tokens,), (tokens * 32,), (tokens * most,))
+    assert dec.shapes[spec.PROMPT_COORDS_NAME][2] == (2 * tokens * most,)
+    assert dec.shapes[spec.HAS_MASK_INPUT_NAME] == ((1,), (32,), (most,)) and most >= 1024
+    # At least the placeholder, at most one mask input per prompt.
+    assert dec.shapes[spec.MODEL_MASK_INPUTS_NAME][0] == (256 * 256,)
+    assert dec.shapes[spec.MODEL_MASK_INPUTS_NAME][2] == (256 * 256 * most,)
     assert dec.shapes[spec.IMAGE_EMBEDDINGS_NAME][2][0] == GPU.decoder_max_batch_size
-    assert dec.shapes[spec.BOXES_ACCUMULATED_NAME][2] == (GPU.decoder_max_batch_size,)
-    small = decoder_profile(max_batch_size=1, max_boxes=300, opt_boxes=500)
-    assert small.shapes[spec.MODEL_BOXES_NAME] == ((4,), (1200,), (1200,))
+    for counts in (spec.LABELS_ACCUMULATED_NAME, spec.MASKS_ACCUMULATED_NAME):
+        assert dec.shapes[counts][2] == (GPU.decoder_max_batch_size,)
+    small = decoder_profile(max_batch_size=1, max_prompts=300, opt_prompts=500, tokens=3)
+    assert small.shapes[spec.PROMPT_LABELS_NAME] == ((3,), (900,), (900,))
     assert encoder_profile(1024, 1).shapes[spec.PIXEL_VALUES_NAME][1][0] == 1
 
 
@@ -125,20 +138,18 @@ def test_gpu_build_writes_onnx_for_engines_and_checks_them(gpu_repository):
 
 
 def test_ragged_decoder_graph_equals_the_indexed_one(gpu_repository):
-    """Same boxes, same images: the GPU graph (1-D boxes + accumulated counts, as
-    Triton's TensorRT backend sends them) gives what the CPU graph gives."""
+    """Same prompts of every kind, same images: the GPU graph (flat ragged prompt
+    tensors + running counts, as Triton's TensorRT backend sends them) gives
+    what the CPU graph gives, for all four mask tokens."""
+    from samtriton.build.onnx_export import all_mask_tokens
+    from samtriton.serving import decoder_batch
     from samtriton.serving.onnx_runtime import make_session
 
     gpu_repo, _ = gpu_repository
     names = spec.model_names("efficientvit_l0")
     ragged = make_session(str(gpu_repo / names.mask_decoder / "1" / "model.onnx"))
-    rng = np.random.default_rng(3)
-    counts = [2, 5, 1]
-    emb = rng.standard_normal((3, *spec.EMBEDDING_SHAPE)).astype(np.float32)
-    xy = rng.uniform(0, 600, (sum(counts), 2))
-    boxes = np.concatenate([xy, xy + rng.uniform(10, 400, xy.shape)], axis=1).astype(np.float32)
-    got = ragged.run(None, {spec.IMAGE_EMBEDDINGS_NAME: emb, spec.MODEL_BOXES_NAME: boxes.reshape(-1),
-                            spec.BOXES_ACCUMULATED_NAME: (np.cumsum(counts) * 4).astype(np.int32)})
+    requests = decoder_batch.sample_requests(np.random.default_rng(3))
+    got = ragged.run(None, decoder_batch.ragged_feeds(requests, spec.gpu_prompt_tokens(GPU.limits.max_points)))
     # The reference: the same random weights (seed 0) through the CPU target's
     # indexed export.
     from samtriton.build.checkpoint import load_model, write_random_checkpoint
@@ -149,10 +160,32 @@ def test_ragged_decoder_graph_equals_the_indexed_one(gpu_repository):
     ckpt = write_random_checkpoint(variant, tmp / variant.checkpoint_file, seed=0)
     export_decoder(load_model(variant, ckpt), tmp / "decoder.onnx")
     indexed = make_session(str(tmp / "decoder.onnx"))
-    want = indexed.run(None, {spec.IMAGE_EMBEDDINGS_NAME: emb, spec.MODEL_BOXES_NAME: boxes,
-                              spec.BOX_IMAGE_INDEX.name: np.repeat(np.arange(3), counts).astype(np.int32)})
+    want = indexed.run(None, all_mask_tokens(decoder_batch.stack(requests, [False] * len(requests)).feeds))
+    assert got[0].shape == want[0].shape == (sum(r.prompts for r in requests), 4, 256, 256)
     np.testing.assert_allclose(got[0], want[0], atol=1e-5)
     np.testing.assert_allclose(got[1], want[1], atol=1e-6)
+
+
+def test_accuracy_gate_inputs_fit_the_engine_profile(gpu_repository):
+    """The gate feeds the decoder every prompt kind: shapes inside the profile the
+    engine is built with, and the fp32 ONNX graph (the gate's reference) runs them."""
+    from samtriton.build.configs import parse_pbtxt
+    from samtriton.build.engines import _run_onnx, gate_inputs
+
+    repo, _ = gpu_repository
+    names = spec.model_names("mobilesam")
+    cfg = parse_pbtxt((repo / names.mask_decoder / "config.pbtxt").read_text())
+    tokens = int(cfg.parameters["prompt_tokens"].string_value)
+    feeds = gate_inputs(tokens)
+    profile = profile_from_config(cfg, 1024)
+    assert set(feeds) == set(profile.shapes)
+    for name, (lo, _, hi) in profile.shapes.items():
+        shape = feeds[name].shape
+        assert all(a <= b <= c for a, b, c in zip(lo, shape, hi)), (name, lo, shape, hi)
+    out = _run_onnx(repo / names.mask_decoder / "1" / "model.onnx", feeds)
+    prompts = int(feeds[spec.HAS_MASK_INPUT_NAME].shape[0])
+    assert out[spec.LOW_RES_MASKS_NAME].shape == (prompts, 4, 256, 256) and prompts >= 10
+    assert feeds[spec.HAS_MASK_INPUT_NAME].any() and not feeds[spec.HAS_MASK_INPUT_NAME].all()
 
 
 def test_exported_graphs_pass_the_tensorrt_checks(gpu_repository):
@@ -162,7 +195,7 @@ def test_exported_graphs_pass_the_tensorrt_checks(gpu_repository):
         enc = onnx.load(str(repo / names.image_encoder / "1" / "model.onnx"))
         dec = onnx.load(str(repo / names.mask_decoder / "1" / "model.onnx"))
         assert trt_compat.problems(enc, ()) == []
-        assert trt_compat.problems(dec, (spec.MODEL_BOXES_NAME, spec.BOXES_ACCUMULATED_NAME)) == []
+        assert trt_compat.problems(dec, trt_compat.DECODER_VALUE_INPUTS) == []
 
 
 def _graph(nodes, inputs, outputs):
@@ -209,7 +242,8 @@ def test_precision_rules_keep_the_fragile_layers_in_fp32(gpu_repository):
     assert len(softmax) == 7 and all(keep_fp32(n) for n in softmax)  # 2 layers x 3 + final attention
     for nodes in (dec, enc, mobile):
         norms = [n.name for n in nodes if n.op_type in ("LayerNormalization", "ReduceMean")]
-        assert norms and all(keep_fp32(n) for n in norms)
+        assert norms and all(keep_fp32(n) for n in norms), [n for n in norms if not keep_fp32(n)]
+    assert any("mask_downscaling" in n.name for n in dec if n.op_type == "ReduceMean")  # the mask input's norms
     attention = [n.name for n in enc if "/context_module/" in n.name]
     assert attention and all(keep_fp32(n) for n in attention)
     # Not everything: the convolutions outside attention run in fp16.

@@ -13,16 +13,8 @@ from torch.nn import functional as F
 
 from samtriton.serving.errors import InvalidInput
 from samtriton.serving.postprocessing import decode_rle, encode_rle, masks_from_logits
-from samtriton.serving.preprocessing import (
-    Geometry,
-    Limits,
-    decode_image,
-    normalise_and_pad,
-    resize_longest_side,
-    resized_shape,
-    transform_boxes,
-    validate_boxes,
-)
+from samtriton.serving.preprocessing import decode_image, normalise_and_pad, resize_longest_side, resized_shape
+from samtriton.serving.prompts import Geometry, Limits, PromptInputs, transform_boxes, validate_boxes
 from samtriton.variants import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 
 SIZES = [(1, 1), (1, 5000), (427, 643), (517, 391), (1024, 1024), (2000, 3000), (333, 500), (1023, 1025), (7, 1999)]
@@ -188,7 +180,9 @@ def test_efficientvit_l0_preprocess_matches_its_predictor(h, w):
     settings = PreprocessSettings.for_variant(get_variant("efficientvit-sam-l0"))
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
-    ours = preprocess(buf.getvalue(), boxes, settings)
+    points = np.array([[[3, 4], [w * 0.5, h * 0.25]], [[w - 1, h - 1], [0, 0]]], dtype=np.float32)
+    labels = np.array([[1, 0], [1, -1]], dtype=np.int32)
+    ours = preprocess(buf.getvalue(), PromptInputs(boxes=boxes, points=points, point_labels=labels), settings)
 
     sam = create_efficientvit_sam_model("efficientvit-sam-l0", pretrained=False)
     predictor = EfficientViTSamPredictor(sam)
@@ -198,7 +192,14 @@ def test_efficientvit_l0_preprocess_matches_its_predictor(h, w):
     # ToTensor/Normalize divide by 255 first: equal up to float32 rounding.
     np.testing.assert_allclose(ours.pixel_values, pixels, atol=2e-5)
     assert (ours.geometry.input_h, ours.geometry.input_w) == tuple(predictor.input_size)
-    np.testing.assert_allclose(ours.model_boxes, predictor.apply_boxes(boxes), rtol=1e-6, atol=1e-4)
+    # Tokens: each prompt's points, then its box corners, in the predictor's frame.
+    corners = predictor.apply_boxes(boxes).reshape(-1, 2, 2)
+    np.testing.assert_allclose(ours.prompts.coords[0, :2], predictor.apply_coords(points[0]), rtol=1e-6, atol=1e-4)
+    np.testing.assert_allclose(ours.prompts.coords[0, 2:4], corners[0], rtol=1e-6, atol=1e-4)
+    np.testing.assert_allclose(ours.prompts.coords[1, :1], predictor.apply_coords(points[1, :1]), rtol=1e-6,
+                               atol=1e-4)
+    np.testing.assert_allclose(ours.prompts.coords[1, 1:3], corners[1], rtol=1e-6, atol=1e-4)
+    assert ours.prompts.labels.tolist() == [[1, 0, 2, 3], [1, 2, 3, -10]]
 
 
 def test_16_bit_grayscale_is_scaled_not_clipped():

@@ -9,7 +9,8 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from samtriton import spec
-from samtriton.serving.preprocessing import Limits, PreprocessSettings
+from samtriton.serving.preprocessing import PreprocessSettings
+from samtriton.serving.prompts import Limits
 from samtriton.variants import ModelVariant
 
 
@@ -34,7 +35,7 @@ class ServingOptions:
     # server's --cache-config bounds its size in bytes.
     encoder_response_cache: bool = True
     encoder_instances: int = 1
-    # Requests with different box counts share a decoder call (ragged batching).
+    # Requests with different prompt counts and kinds share a decoder call (ragged batching).
     decoder_max_batch_size: int = 16
     decoder_queue_delay_us: int = 2000
     decoder_instances: int = 1
@@ -54,7 +55,7 @@ class ServingOptions:
     intra_op_threads: int = 0
     limits: Limits = field(default_factory=Limits)
     # GPU target: the decoder engine's optimisation profile is tuned for this
-    # many boxes per call (its maximum is decoder_max_batch_size * max_boxes).
+    # many prompts per call (its maximum is decoder_max_batch_size * max_boxes).
     decoder_opt_boxes: int = 32
 
     def __post_init__(self):
@@ -140,25 +141,32 @@ def _tensorrt_encoder(names, variant, weights, io, options: ServingOptions) -> m
 def _tensorrt_decoder(names, variant, weights, io, options: ServingOptions) -> mc.ModelConfig:
     """The decoder engine under Triton's ragged batching.
 
-    Requests keep their [1, n, 4] boxes (the ensemble's shape); `reshape`
-    makes them [4n] so the TensorRT backend concatenates all requests' boxes
-    into one 1-D tensor, a batch input gives the running element counts
-    (RaggedBoxMaskDecoderExport turns them into each box's image), and the
-    per-box outputs are scattered back by each request's box count.
+    Requests keep their per-request prompt tensors (the ensemble's shapes);
+    `reshape [-1]` makes the multi-axis ones flat so the TensorRT backend
+    concatenates all requests' prompts, labels and mask inputs into 1-D
+    tensors; two batch inputs give the running element counts of the labels
+    and the mask inputs (RaggedPromptMaskDecoderExport turns them into each
+    prompt's image and mask), and the per-prompt outputs are scattered back by
+    each request's `has_mask_input` length, one element per prompt.  The
+    engine decodes all four mask tokens; the postprocess picks.
     """
     dec = _tensorrt_model(names.mask_decoder, variant, weights, io[spec.MASK_DECODER],
                           options.decoder_instances, options.decoder_max_batch_size)
-    boxes = next(t for t in dec.input if t.name == spec.MODEL_BOXES_NAME)
-    boxes.reshape.shape.extend([-1])
-    dec.batch_input.add(
-        kind=mc.BatchInput.BATCH_ACCUMULATED_ELEMENT_COUNT, target_name=[spec.BOXES_ACCUMULATED_NAME],
-        data_type=mc.TYPE_INT32, source_input=[spec.MODEL_BOXES_NAME],
-    )
+    for t in dec.input:
+        if t.name in (spec.PROMPT_COORDS_NAME, spec.PROMPT_LABELS_NAME, spec.MODEL_MASK_INPUTS_NAME):
+            t.reshape.shape.extend([-1])
+    for target, source in ((spec.LABELS_ACCUMULATED_NAME, spec.PROMPT_LABELS_NAME),
+                           (spec.MASKS_ACCUMULATED_NAME, spec.MODEL_MASK_INPUTS_NAME)):
+        dec.batch_input.add(kind=mc.BatchInput.BATCH_ACCUMULATED_ELEMENT_COUNT, target_name=[target],
+                            data_type=mc.TYPE_INT32, source_input=[source])
     dec.batch_output.add(
         target_name=[spec.LOW_RES_MASKS_NAME, spec.IOU_PREDICTIONS_NAME],
-        kind=mc.BatchOutput.BATCH_SCATTER_WITH_INPUT_SHAPE, source_input=[spec.MODEL_BOXES_NAME],
+        kind=mc.BatchOutput.BATCH_SCATTER_WITH_INPUT_SHAPE, source_input=[spec.HAS_MASK_INPUT_NAME],
     )
+    for t in dec.output:  # the engine's candidate axis is static: every mask token
+        t.dims[1] = spec.NUM_MASK_TOKENS
     dec.parameters["max_boxes"].string_value = str(options.limits.max_boxes)
+    dec.parameters["prompt_tokens"].string_value = str(spec.gpu_prompt_tokens(options.limits.max_points))
     dec.parameters["opt_boxes"].string_value = str(options.decoder_opt_boxes)
     return dec
 
@@ -183,7 +191,9 @@ def variant_configs(variant: ModelVariant, weights: WeightsInfo, options: Servin
     names = spec.model_names(variant.slug)
 
     pre = _python_model(names.preprocess, variant, weights, io[spec.PREPROCESS], options.preprocess_instances)
-    for key, value in PreprocessSettings.for_variant(variant, options.limits).to_parameters().items():
+    # TensorRT's flat ragged prompts need one token count for every prompt.
+    pad_tokens = spec.gpu_prompt_tokens(options.limits.max_points) if options.target == "gpu" else 0
+    for key, value in PreprocessSettings.for_variant(variant, options.limits, pad_tokens).to_parameters().items():
         pre.parameters[key].string_value = value
 
     if options.target == "gpu":

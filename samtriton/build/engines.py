@@ -42,17 +42,28 @@ def encoder_profile(encoder_size: int, max_batch_size: int) -> Profile:
     return Profile({spec.PIXEL_VALUES_NAME: ((1, *chw), (opt, *chw), (max_batch_size, *chw))})
 
 
-def decoder_profile(max_batch_size: int, max_boxes: int, opt_boxes: int) -> Profile:
-    """Images per call 1..max_batch_size (one per request); boxes per call
-    1..max_batch_size * max_boxes, as 1-D ragged elements (4 per box)."""
-    max_total = max_batch_size * max_boxes
-    opt_total = min(max(1, opt_boxes), max_total)
+def decoder_profile(max_batch_size: int, max_prompts: int, opt_prompts: int, tokens: int) -> Profile:
+    """Images per call 1..max_batch_size (one per request); prompts per call
+    1..max_batch_size * max_prompts, as flat ragged elements: `tokens` labels
+    and 2 * `tokens` coordinates per prompt, and 256 x 256 per mask input (at
+    least one per request, the placeholder; at most one per prompt)."""
+    max_total = max_batch_size * max_prompts
+    opt_total = min(max(1, opt_prompts), max_total)
     opt_images = max(1, max_batch_size // 2)
     emb = spec.EMBEDDING_SHAPE
+    mask = spec.LOW_RES_MASK_SIZE * spec.LOW_RES_MASK_SIZE
+
+    def per_prompt(elements: int):
+        return (elements,), (elements * opt_total,), (elements * max_total,)
+
     return Profile({
         spec.IMAGE_EMBEDDINGS_NAME: ((1, *emb), (opt_images, *emb), (max_batch_size, *emb)),
-        spec.MODEL_BOXES_NAME: ((4,), (4 * opt_total,), (4 * max_total,)),
-        spec.BOXES_ACCUMULATED_NAME: ((1,), (opt_images,), (max_batch_size,)),
+        spec.PROMPT_COORDS_NAME: per_prompt(2 * tokens),
+        spec.PROMPT_LABELS_NAME: per_prompt(tokens),
+        spec.MODEL_MASK_INPUTS_NAME: ((mask,), (mask * opt_images,), (mask * max_total,)),
+        spec.HAS_MASK_INPUT_NAME: per_prompt(1),
+        spec.LABELS_ACCUMULATED_NAME: ((1,), (opt_images,), (max_batch_size,)),
+        spec.MASKS_ACCUMULATED_NAME: ((1,), (opt_images,), (max_batch_size,)),
     })
 
 
@@ -63,7 +74,8 @@ def profile_from_config(cfg, encoder_size: int) -> Profile:
         return encoder_profile(encoder_size, cfg.max_batch_size)
     if role == spec.MASK_DECODER:
         params = {k: v.string_value for k, v in cfg.parameters.items()}
-        return decoder_profile(cfg.max_batch_size, int(params["max_boxes"]), int(params["opt_boxes"]))
+        return decoder_profile(cfg.max_batch_size, int(params["max_boxes"]), int(params["opt_boxes"]),
+                               int(params["prompt_tokens"]))
     raise ValueError(f"{cfg.name} is not an encoder or decoder")
 
 
@@ -74,9 +86,9 @@ def profile_from_config(cfg, encoder_size: int) -> Profile:
 _FP32_RULES = (
     # LayerNorm exported as one op (TinyViT, ViT-B blocks, the decoder's norms).
     re.compile(r"LayerNormalization"),
-    # LayerNorm2d spelled out (ReduceMean, Sub, Pow, Sqrt, Div): SAM's neck and
-    # output upscaling, EfficientViT-SAM's final norm.
-    re.compile(r"/(norm\d*|neck\.[13]|output_upscaling\.1)/"),
+    # LayerNorm2d spelled out (ReduceMean, Sub, Pow, Sqrt, Div): SAM's neck,
+    # output upscaling and mask-input downscaling, EfficientViT-SAM's final norm.
+    re.compile(r"/(norm\d*|neck\.[13]|output_upscaling\.1|mask_downscaling\.[14])/"),
     # Attention softmaxes: the two-way transformer's (fp16 gave wrong masks,
     # TensorRT #3999) and the encoders'; cheap to keep exact.
     re.compile(r"/Softmax(_\d+)?$"),
@@ -120,14 +132,12 @@ class GateReport:
                 f"{self.MAX_SCORE_DIFF}){emb}")
 
 
-def gate_inputs(seed: int = 0, images: int = 2, boxes_per_image: int = 6):
-    """The fixed set: embeddings-like inputs and boxes spread over the prompt frame."""
-    rng = np.random.default_rng(seed)
-    xy0 = rng.uniform(0, spec.PROMPT_SIZE * 0.6, size=(images * boxes_per_image, 2))
-    wh = rng.uniform(16, spec.PROMPT_SIZE * 0.4, size=(images * boxes_per_image, 2))
-    boxes = np.concatenate([xy0, xy0 + wh], axis=1).astype(np.float32)
-    accumulated = (np.arange(1, images + 1) * boxes_per_image * 4).astype(np.int32)
-    return rng, boxes, accumulated
+def gate_inputs(tokens: int, images: np.ndarray | None = None, seed: int = 0):
+    """The fixed set: every prompt kind (boxes, points, box + points, mask inputs)
+    on two images, laid out as Triton's TensorRT backend feeds the decoder."""
+    from samtriton.serving import decoder_batch
+
+    return decoder_batch.ragged_feeds(decoder_batch.sample_requests(np.random.default_rng(seed), images), tokens)
 
 
 class EngineBuildError(RuntimeError):
@@ -195,28 +205,28 @@ def _run_onnx(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]
     return dict(zip(names, session.run(None, feeds)))
 
 
-def accuracy_gate(role: str, plan: bytes, onnx_path: Path, decoder_onnx: Path, encoder_size: int) -> GateReport:
-    """Masks of the engine vs masks of the fp32 ONNX model on the fixed set.
+def accuracy_gate(role: str, plan: bytes, onnx_path: Path, decoder_onnx: Path, encoder_size: int,
+                  tokens: int) -> GateReport:
+    """Masks of the engine vs masks of the fp32 ONNX model on the fixed set, all
+    four mask tokens.
 
     An encoder engine is judged through the fp32 decoder: its embeddings and
-    the ONNX encoder's go through the same decoder and boxes.
+    the ONNX encoder's go through the same decoder and prompts.
     """
-    rng, boxes, accumulated = gate_inputs()
-    box_feeds = {spec.MODEL_BOXES_NAME: boxes.reshape(-1), spec.BOXES_ACCUMULATED_NAME: accumulated}
     embedding_diff = None
     if role == spec.IMAGE_ENCODER:
-        pixels = rng.standard_normal((len(accumulated), 3, encoder_size, encoder_size)).astype(np.float32)
+        pixels = np.random.default_rng(1).standard_normal((2, 3, encoder_size, encoder_size)).astype(np.float32)
         feeds = {spec.PIXEL_VALUES_NAME: pixels}
         emb_ref = _run_onnx(onnx_path, feeds)[spec.IMAGE_EMBEDDINGS_NAME]
         emb_trt = _run_engine(plan, feeds)[spec.IMAGE_EMBEDDINGS_NAME].astype(np.float32)
         embedding_diff = float(np.abs(emb_trt - emb_ref).max())
-        ref = _run_onnx(decoder_onnx, {spec.IMAGE_EMBEDDINGS_NAME: emb_ref, **box_feeds})
-        got = _run_onnx(decoder_onnx, {spec.IMAGE_EMBEDDINGS_NAME: emb_trt, **box_feeds})
+        ref = _run_onnx(decoder_onnx, gate_inputs(tokens, emb_ref))
+        got = _run_onnx(decoder_onnx, gate_inputs(tokens, emb_trt))
     else:
-        embeddings = rng.standard_normal((len(accumulated), *spec.EMBEDDING_SHAPE)).astype(np.float32)
-        feeds = {spec.IMAGE_EMBEDDINGS_NAME: embeddings, **box_feeds}
+        feeds = gate_inputs(tokens)
         ref, got = _run_onnx(onnx_path, feeds), _run_engine(plan, feeds)
-    ious = mask_ious(got[spec.LOW_RES_MASKS_NAME] > 0, ref[spec.LOW_RES_MASKS_NAME] > 0)
+    ious = mask_ious(got[spec.LOW_RES_MASKS_NAME].reshape(-1, spec.LOW_RES_MASK_SIZE ** 2) > 0,
+                     ref[spec.LOW_RES_MASKS_NAME].reshape(-1, spec.LOW_RES_MASK_SIZE ** 2) > 0)
     score_diff = float(np.abs(got[spec.IOU_PREDICTIONS_NAME] - ref[spec.IOU_PREDICTIONS_NAME]).max())
     return GateReport(float(ious.min()), float(ious.mean()), score_diff, embedding_diff)
 
@@ -251,8 +261,10 @@ def build_repository_engines(repo: Path, cache_dir: Path, fp16: bool = True, log
         else:
             log(f"{name}: building a {'fp16' if fp16 else 'fp32'} engine on {gpu} (TensorRT {trt.__version__})")
             plan = build_engine(onnx_path, profile, fp16, log)
-            decoder = repo / _sibling(name, spec.MASK_DECODER) / "1" / "model.onnx"
-            report = accuracy_gate(spec.role_of(name), plan, onnx_path, decoder, encoder_size)
+            decoder_name = _sibling(name, spec.MASK_DECODER)
+            tokens = int(configs[decoder_name].parameters["prompt_tokens"].string_value)
+            decoder = repo / decoder_name / "1" / "model.onnx"
+            report = accuracy_gate(spec.role_of(name), plan, onnx_path, decoder, encoder_size, tokens)
             log(f"  {report.line()}")
             if not report.passed():
                 raise EngineBuildError(f"{name}: the engine fails the accuracy gate ({report.line()}); "

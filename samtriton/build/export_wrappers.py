@@ -4,9 +4,13 @@ They reuse the upstream submodules and weights unchanged and only rearrange
 how a batch flows through them, so that the exported graphs:
 
 * take any number of images in the encoder (dynamic batch axis), and
-* decode boxes that belong to different images in one call: every box names
-  its image through `box_image_index`, and the graph gathers that image's
-  embedding (the upstream ONNX export fixes the embedding batch at 1).
+* decode prompts of any kind (points, boxes, both, with or without a previous
+  mask) that belong to different images and requests in one call: every
+  prompt names its image and mask input by index, and the graph gathers them
+  (the upstream ONNX export fixes the embedding batch at 1 and one prompt
+  layout per call).  Prompts with fewer tokens than the longest are filled
+  with tokens the attention leaves out, so a batch answers each prompt as if
+  it were alone.
 
 Nothing here feeds a shape computation from prompt values (no OneHot / Tile on
 labels), which is what trips TensorRT's parser on the upstream SAM decoder
@@ -21,6 +25,8 @@ import types
 
 import torch
 from torch import nn
+
+from samtriton import spec
 
 
 def _patch_merging_forward(self, x):
@@ -61,16 +67,70 @@ class ImageEncoderExport(nn.Module):
         return self.image_encoder(pixel_values)
 
 
-class BoxMaskDecoderExport(nn.Module):
-    """Prompt encoder (boxes only) + mask decoder for single-mask output.
+def _attend(attention: nn.Module, q, k, v, key_bias=None):
+    """An upstream SAM `Attention` with its own weights; `key_bias` [B, K]
+    (0 or -inf) is added to the logits of every query.
 
-    Inputs: image_embeddings [B, 256, 64, 64], model_boxes [N, 4] (xyxy in the
-    encoder's input frame), box_image_index [N] (int32, which of the B images).
-    Outputs: low_res_masks [N, 256, 256] (logits), iou_predictions [N].
+    The same operations as `Attention.forward` plus one broadcast add: keys
+    with -inf get exactly zero weight, so the other tokens' results equal
+    those of a prompt without them.
+    """
+    q = attention._separate_heads(attention.q_proj(q), attention.num_heads)
+    k = attention._separate_heads(attention.k_proj(k), attention.num_heads)
+    v = attention._separate_heads(attention.v_proj(v), attention.num_heads)
+    logits = q @ k.permute(0, 1, 3, 2)
+    logits = logits / math.sqrt(q.shape[-1])
+    if key_bias is not None:
+        logits = logits + key_bias[:, None, None, :]
+    out = torch.softmax(logits, dim=-1) @ v
+    return attention.out_proj(attention._recombine_heads(out))
 
-    Equivalent to the upstream predictor's `predict_torch(boxes=...,
-    multimask_output=False)` up to the low-resolution logits: only the first
-    mask token, the one upstream keeps for single-mask output, is decoded.
+
+def _two_way_transformer(transformer: nn.Module, image_embedding, image_pe, point_embedding, token_bias):
+    """`TwoWayTransformer.forward` with filler tokens left out of the attentions
+    whose keys are tokens (self-attention, image-to-token)."""
+    image_embedding = image_embedding.flatten(2).permute(0, 2, 1)
+    image_pe = image_pe.flatten(2).permute(0, 2, 1)
+    queries, keys = point_embedding, image_embedding
+    for layer in transformer.layers:
+        if layer.skip_first_layer_pe:
+            queries = _attend(layer.self_attn, queries, queries, queries, token_bias)
+        else:
+            q = queries + point_embedding
+            queries = queries + _attend(layer.self_attn, q, q, queries, token_bias)
+        queries = layer.norm1(queries)
+        q, k = queries + point_embedding, keys + image_pe
+        queries = layer.norm2(queries + layer.cross_attn_token_to_image(q=q, k=k, v=keys))
+        queries = layer.norm3(queries + layer.mlp(queries))
+        q, k = queries + point_embedding, keys + image_pe
+        keys = layer.norm4(keys + _attend(layer.cross_attn_image_to_token, k, q, queries, token_bias))
+    q, k = queries + point_embedding, keys + image_pe
+    queries = transformer.norm_final_attn(queries + transformer.final_attn_token_to_image(q=q, k=k, v=keys))
+    return queries, keys
+
+
+class PromptMaskDecoderExport(nn.Module):
+    """Prompt encoder + mask decoder for any mix of prompts, images and mask inputs in one call.
+
+    Inputs (names in `samtriton.spec`):
+      image_embeddings [B, 256, 64, 64];
+      prompt_coords [N, T, 2] (xy, prompt frame), prompt_labels [N, T] (int32,
+        spec.TOKEN_LABELS);
+      mask_inputs [M, 256, 256] (previous low-res logits, M >= 0) and
+        mask_image_index [M] (int32: the image each belongs to);
+      prompt_source_index [N] (int32): the prompt's image n < B (no mask
+        input: SAM's no-mask embedding), or B + m for the image of mask input m
+        with that mask's embedding;
+      mask_tokens [K] (int32): which of the 4 mask tokens to decode; upstream's
+        single-mask output is token 0, its multimask output tokens 1-3
+        (`MaskDecoder.forward`).
+    Outputs: low_res_masks [N, K, 256, 256] (logits) and iou_predictions [N, K].
+
+    Per prompt this is `SamPredictor.predict_torch` up to the low-res logits,
+    with every token of upstream's `PromptEncoder` (points, the padding point,
+    box corners) and filler tokens (LABEL_ABSENT) that are never attended to.
+    The dense embeddings are added to the B + M source rows before the
+    gather, so a call costs one [N, 256, 64, 64] gather, as without masks.
     """
 
     def __init__(self, sam: nn.Module):
@@ -79,77 +139,105 @@ class BoxMaskDecoderExport(nn.Module):
         decoder = sam.mask_decoder
         self.transformer = decoder.transformer
         self.output_upscaling = decoder.output_upscaling
-        self.single_mask_hypernetwork = decoder.output_hypernetworks_mlps[0]
+        self.hypernetworks = decoder.output_hypernetworks_mlps
         self.iou_prediction_head = decoder.iou_prediction_head
-        self.num_mask_tokens = decoder.num_mask_tokens
-        self.output_tokens = nn.Parameter(
-            torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0).detach(),
-            requires_grad=False,
-        )
+        self.mask_downscaling = prompt_encoder.mask_downscaling
+        self.register_buffer("output_tokens", torch.cat(
+            [decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0).detach().clone())
         self.register_buffer(
             "gaussian_matrix", prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.detach().clone()
         )
         input_h, input_w = prompt_encoder.input_image_size
         self.register_buffer("coord_scale", torch.tensor([float(input_w), float(input_h)]))
-        self.register_buffer(
-            "corner_embeddings",
-            torch.stack(
-                [prompt_encoder.point_embeddings[2].weight[0], prompt_encoder.point_embeddings[3].weight[0]]
-            ).detach().unsqueeze(0),
-        )
+        # Row label + 1 of this table is added to a token's embedding (labels
+        # -1..3); filler (LABEL_ABSENT) takes row 0 and is masked anyway.
+        self.register_buffer("label_embeddings", torch.cat(
+            [prompt_encoder.not_a_point_embed.weight]
+            + [prompt_encoder.point_embeddings[i].weight for i in range(4)], dim=0).detach().clone())
         self.register_buffer("no_mask_embedding", prompt_encoder.no_mask_embed.weight.detach().reshape(1, -1, 1, 1))
         with torch.no_grad():
             self.register_buffer("image_pe", prompt_encoder.get_dense_pe().detach().clone())
 
-    def embed_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
-        # The upstream PromptEncoder._embed_boxes math, without in-place slice
-        # writes (they export as ScatterND).
-        corners = (boxes + 0.5).reshape(-1, 2, 2) / self.coord_scale
-        corners = 2 * corners - 1
-        projected = (2 * math.pi) * (corners @ self.gaussian_matrix)
+    def embed_tokens(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # The upstream PromptEncoder's _embed_points / _embed_boxes math, with
+        # the per-label writes as a lookup and a select (in-place masked
+        # writes export as ScatterND).
+        projected = (2 * math.pi) * ((2 * ((coords + 0.5) / self.coord_scale) - 1) @ self.gaussian_matrix)
         encoding = torch.cat([torch.sin(projected), torch.cos(projected)], dim=-1)
-        return encoding + self.corner_embeddings
+        encoding = encoding.masked_fill((labels < 0).unsqueeze(-1), 0.0)
+        rows = torch.clamp(labels + 1, min=0).long()
+        return encoding + self.label_embeddings[rows]
 
-    def forward(self, image_embeddings, model_boxes, box_image_index):
-        sparse = self.embed_boxes(model_boxes)
-        num_boxes = sparse.shape[0]
-        tokens = torch.cat([self.output_tokens.unsqueeze(0).expand(num_boxes, -1, -1), sparse], dim=1)
+    def forward(self, image_embeddings, prompt_coords, prompt_labels, mask_inputs, mask_image_index,
+                prompt_source_index, mask_tokens):
+        sparse = self.embed_tokens(prompt_coords, prompt_labels)
+        num_prompts = sparse.shape[0]
+        tokens = torch.cat([self.output_tokens.unsqueeze(0).expand(num_prompts, -1, -1), sparse], dim=1)
+        # The IoU and mask tokens are always attended to; filler never.
+        filler = torch.cat([torch.zeros_like(prompt_labels[:, :1], dtype=torch.bool).expand(
+            -1, self.output_tokens.shape[0]), prompt_labels == spec.LABEL_ABSENT], dim=1)
+        token_bias = torch.zeros_like(filler, dtype=sparse.dtype).masked_fill(filler, float("-inf"))
 
-        src = image_embeddings.index_select(0, box_image_index) + self.no_mask_embedding
-        pos_src = self.image_pe.expand(num_boxes, -1, -1, -1)
+        sources = torch.cat([image_embeddings + self.no_mask_embedding,
+                             image_embeddings.index_select(0, mask_image_index)
+                             + self.mask_downscaling(mask_inputs.unsqueeze(1))])
+        src = sources.index_select(0, prompt_source_index)
+        pos_src = self.image_pe.expand(num_prompts, -1, -1, -1)
         _, channels, height, width = src.shape
-        hs, src = self.transformer(src, pos_src, tokens)
+        hs, src = _two_way_transformer(self.transformer, src, pos_src, tokens, token_bias)
 
-        iou_token_out = hs[:, 0, :]
-        mask_token_out = hs[:, 1, :]
-        src = src.transpose(1, 2).reshape(-1, channels, height, width)
-        upscaled = self.output_upscaling(src)
-        hyper = self.single_mask_hypernetwork(mask_token_out)
+        mask_tokens_out = hs[:, 1:1 + spec.NUM_MASK_TOKENS, :]
+        hyper = torch.stack([mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.hypernetworks)], dim=1)
+        hyper = hyper.index_select(1, mask_tokens)
+        upscaled = self.output_upscaling(src.transpose(1, 2).reshape(-1, channels, height, width))
         _, up_channels, up_h, up_w = upscaled.shape
-        masks = hyper.unsqueeze(1) @ upscaled.reshape(-1, up_channels, up_h * up_w)
-        low_res_masks = masks.reshape(-1, up_h, up_w)
-        iou_predictions = self.iou_prediction_head(iou_token_out)[:, 0]
-        return low_res_masks, iou_predictions
+        masks = (hyper @ upscaled.reshape(-1, up_channels, up_h * up_w)).reshape(num_prompts, -1, up_h, up_w)
+        return masks, self.iou_prediction_head(hs[:, 0, :]).index_select(1, mask_tokens)
 
 
-class RaggedBoxMaskDecoderExport(nn.Module):
-    """The box mask decoder as Triton's TensorRT backend feeds a ragged batch.
+class RaggedPromptMaskDecoderExport(nn.Module):
+    """The prompt mask decoder as Triton's TensorRT backend feeds a ragged batch.
 
-    With `allow_ragged_batch` on `model_boxes`, the backend concatenates the
-    requests' boxes into one 1-D tensor and, through a `batch_input` of kind
-    BATCH_ACCUMULATED_ELEMENT_COUNT, passes each request's running element
-    count.  Request r holds image r of `image_embeddings`, so box i belongs to
-    the number of requests whose running count is <= 4 * i.  That index is
-    computed from data only (a comparison and a sum), never from a shape
-    derived from prompt values, so it stays a plain TensorRT layer chain.
+    With `allow_ragged_batch`, the backend concatenates the requests' prompt
+    tensors into flat ones and passes, through `batch_input`s of kind
+    BATCH_ACCUMULATED_ELEMENT_COUNT, each request's running element count of
+    `prompt_labels` and of `model_mask_inputs`.  Every prompt has the same
+    `tokens` count here (the GPU preprocess pads to it), so the flat labels
+    reshape to [N, tokens] by a constant.  Request r holds image r; prompt p
+    belongs to the number of requests whose running label count is
+    <= tokens * p, and mask input m to the number whose running mask count is
+    <= 65536 * m.  A prompt with a mask input uses the one at its own offset
+    within its request's masks (a request without mask inputs sends one
+    placeholder, unused).  Everything is computed from data (comparisons,
+    sums, gathers), never from a shape derived from prompt values, so it stays
+    a plain TensorRT layer chain.  It decodes all four mask tokens: an engine
+    cannot choose per request; the postprocess picks.
     """
 
-    def __init__(self, sam: nn.Module):
+    def __init__(self, sam: nn.Module, tokens: int):
         super().__init__()
-        self.decoder = BoxMaskDecoderExport(sam)
+        self.decoder = PromptMaskDecoderExport(sam)
+        self.tokens = tokens
+        self.register_buffer("all_mask_tokens", torch.arange(spec.NUM_MASK_TOKENS, dtype=torch.int32))
 
-    def forward(self, image_embeddings, model_boxes, boxes_accumulated):
-        boxes = model_boxes.reshape(-1, 4)
-        first_element = torch.arange(boxes.shape[0], device=boxes.device, dtype=torch.int32) * 4
-        index = (first_element.unsqueeze(1) >= boxes_accumulated.reshape(1, -1)).to(torch.int32).sum(dim=1)
-        return self.decoder(image_embeddings, boxes, index)
+    @staticmethod
+    def _owner(first_element: torch.Tensor, accumulated: torch.Tensor) -> torch.Tensor:
+        """Index of the request whose elements start at or after each first element."""
+        return (first_element.unsqueeze(1) >= accumulated.reshape(1, -1)).to(torch.int32).sum(dim=1)
+
+    def forward(self, image_embeddings, prompt_coords, prompt_labels, model_mask_inputs, has_mask_input,
+                labels_accumulated, masks_accumulated):
+        size = spec.LOW_RES_MASK_SIZE * spec.LOW_RES_MASK_SIZE
+        labels = prompt_labels.reshape(-1, self.tokens)
+        coords = prompt_coords.reshape(-1, self.tokens, 2)
+        masks = model_mask_inputs.reshape(-1, spec.LOW_RES_MASK_SIZE, spec.LOW_RES_MASK_SIZE)
+        prompt = torch.arange(labels.shape[0], device=labels.device, dtype=torch.int32)
+        image = self._owner(prompt * self.tokens, labels_accumulated)
+        mask_image = self._owner(torch.arange(masks.shape[0], device=labels.device, dtype=torch.int32) * size,
+                                 masks_accumulated)
+        zero = torch.zeros_like(labels_accumulated.reshape(-1)[:1])
+        prompt_start = torch.cat([zero, labels_accumulated.reshape(-1)]).index_select(0, image) // self.tokens
+        mask_start = torch.cat([zero, masks_accumulated.reshape(-1)]).index_select(0, image) // size
+        with_mask = (has_mask_input.reshape(-1) > 0.5).to(torch.int32)
+        source = image + with_mask * (image_embeddings.shape[0] + mask_start + prompt - prompt_start - image)
+        return self.decoder(image_embeddings, coords, labels, masks, mask_image, source, self.all_mask_tokens)

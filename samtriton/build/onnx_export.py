@@ -1,9 +1,10 @@
-"""PyTorch -> ONNX for the image encoder and the box mask decoder, with parity checks.
+"""PyTorch -> ONNX for the image encoder and the prompt mask decoder, with parity checks.
 
 Opset 17, the TorchScript-based exporter: the graphs contain Conv, MatMul,
 Gemm, Softmax, Erf/Gelu pieces, Gather (index_select), Reshape/Transpose,
-ConvTranspose, LayerNormalization, Sin/Cos.  All of them are TensorRT 10 layers;
-the only dynamic axes are the image batch and the number of boxes.
+ConvTranspose, LayerNormalization, Sin/Cos, Where.  All of them are TensorRT 10
+layers; the dynamic axes are the image batch, the number of prompts, their
+token count and the number of mask inputs.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ import torch
 from samtriton import spec
 from samtriton.serving.postprocessing import mask_ious
 from samtriton.build.export_wrappers import (
-    BoxMaskDecoderExport,
     ImageEncoderExport,
-    RaggedBoxMaskDecoderExport,
+    PromptMaskDecoderExport,
+    RaggedPromptMaskDecoderExport,
     batch_agnostic,
 )
+from samtriton.serving import decoder_batch
 
 OPSET = 17
 
@@ -89,41 +91,86 @@ def export_encoder(sam: torch.nn.Module, encoder_size: int, path: Path) -> None:
         _export(encoder, (example,), path, [pv], [emb], {pv: {0: "images"}, emb: {0: "images"}})
 
 
-def _export_box_decoder(decoder, boxes, third_name: str, third, box_axis: str, path: Path) -> None:
-    """Both decoder graphs: embeddings of 2 images, boxes, and one tensor telling
-    which image each box belongs to; outputs one mask and score per box."""
-    embeddings = torch.zeros(2, *spec.EMBEDDING_SHAPE)
-    names_in = [spec.IMAGE_EMBEDDINGS_NAME, spec.MODEL_BOXES.name, third_name]
-    names_out = [spec.LOW_RES_MASKS.name, spec.IOU_PREDICTIONS.name]
-    third_axis = "boxes" if box_axis == "boxes" else "images"
-    axes = {names_in[0]: {0: "images"}, names_in[1]: {0: box_axis}, names_in[2]: {0: third_axis},
-            names_out[0]: {0: "boxes"}, names_out[1]: {0: "boxes"}}
-    with torch.no_grad():
-        _export(decoder.eval(), (embeddings, boxes, third), path, names_in, names_out, axes)
+_DECODER_OUTPUTS = [spec.LOW_RES_MASKS_NAME, spec.IOU_PREDICTIONS_NAME]
 
 
-_EXAMPLE_BOXES = [[10.0, 20.0, 300.0, 400.0], [0.0, 0.0, 50.0, 60.0], [5.0, 5.0, 900.0, 700.0]]
+_CPU_DECODER_INPUTS = [spec.IMAGE_EMBEDDINGS_NAME, spec.PROMPT_COORDS_NAME, spec.PROMPT_LABELS_NAME,
+                       spec.MASK_INPUTS.name, spec.MASK_IMAGE_INDEX_NAME, spec.PROMPT_SOURCE_INDEX_NAME,
+                       spec.MASK_TOKENS_NAME]
+
+
+def all_mask_tokens(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """CPU decoder feeds that decode every mask token (for checks against upstream)."""
+    return {**feeds, spec.MASK_TOKENS_NAME: np.arange(spec.NUM_MASK_TOKENS, dtype=np.int32)}
 
 
 def export_decoder(sam: torch.nn.Module, path: Path) -> None:
-    """The CPU target's decoder graph: boxes [N, 4] and each box's image index."""
-    _export_box_decoder(BoxMaskDecoderExport(sam), torch.tensor(_EXAMPLE_BOXES), spec.BOX_IMAGE_INDEX.name,
-                        torch.tensor([0, 1, 1], dtype=torch.int32), "boxes", path)
+    """The CPU target's decoder graph: prompts of several images in one call, each
+    pointing at its source row (see PromptMaskDecoderExport)."""
+    requests = decoder_batch.sample_requests(np.random.default_rng(0))
+    feeds = all_mask_tokens(decoder_batch.stack(requests, [False] * len(requests)).feeds)
+    axes = {spec.IMAGE_EMBEDDINGS_NAME: {0: "images"}, spec.PROMPT_COORDS_NAME: {0: "prompts", 1: "tokens"},
+            spec.PROMPT_LABELS_NAME: {0: "prompts", 1: "tokens"}, spec.MASK_INPUTS.name: {0: "mask_inputs"},
+            spec.MASK_IMAGE_INDEX_NAME: {0: "mask_inputs"}, spec.PROMPT_SOURCE_INDEX_NAME: {0: "prompts"},
+            spec.MASK_TOKENS_NAME: {0: "candidates"}, spec.LOW_RES_MASKS_NAME: {0: "prompts", 1: "candidates"},
+            spec.IOU_PREDICTIONS_NAME: {0: "prompts", 1: "candidates"}}
+    with torch.no_grad():
+        _export(PromptMaskDecoderExport(sam).eval(), tuple(torch.from_numpy(feeds[n]) for n in _CPU_DECODER_INPUTS),
+                path, _CPU_DECODER_INPUTS, _DECODER_OUTPUTS, axes)
 
 
-def export_ragged_decoder(sam: torch.nn.Module, path: Path) -> None:
-    """The GPU target's decoder graph: 1-D ragged boxes + accumulated counts (see
-    RaggedBoxMaskDecoderExport).  Same outputs as `export_decoder`'s."""
-    _export_box_decoder(RaggedBoxMaskDecoderExport(sam), torch.tensor(_EXAMPLE_BOXES).reshape(-1),
-                        spec.BOXES_ACCUMULATED_NAME, torch.tensor([4, 12], dtype=torch.int32), "box_elements", path)
+def export_ragged_decoder(sam: torch.nn.Module, path: Path, tokens: int) -> None:
+    """The GPU target's decoder graph: flat ragged prompt tensors + running counts,
+    `tokens` per prompt (see RaggedPromptMaskDecoderExport).  Same outputs as
+    `export_decoder`'s."""
+    feeds = decoder_batch.ragged_feeds(decoder_batch.sample_requests(np.random.default_rng(0)), tokens)
+    names = [spec.IMAGE_EMBEDDINGS_NAME, spec.PROMPT_COORDS_NAME, spec.PROMPT_LABELS_NAME,
+             spec.MODEL_MASK_INPUTS_NAME, spec.HAS_MASK_INPUT_NAME, spec.LABELS_ACCUMULATED_NAME,
+             spec.MASKS_ACCUMULATED_NAME]
+    axes = {spec.IMAGE_EMBEDDINGS_NAME: {0: "images"}, spec.PROMPT_COORDS_NAME: {0: "coord_elements"},
+            spec.PROMPT_LABELS_NAME: {0: "label_elements"}, spec.MODEL_MASK_INPUTS_NAME: {0: "mask_elements"},
+            spec.HAS_MASK_INPUT_NAME: {0: "prompts"}, spec.LABELS_ACCUMULATED_NAME: {0: "images"},
+            spec.MASKS_ACCUMULATED_NAME: {0: "images"}, spec.LOW_RES_MASKS_NAME: {0: "prompts"},
+            spec.IOU_PREDICTIONS_NAME: {0: "prompts"}}
+    with torch.no_grad():
+        _export(RaggedPromptMaskDecoderExport(sam, tokens).eval(),
+                tuple(torch.from_numpy(feeds[n]) for n in names), path, names, _DECODER_OUTPUTS, axes)
+
+
+def upstream_decoder(sam: torch.nn.Module, request: decoder_batch.DecoderRequest) -> tuple[np.ndarray, np.ndarray]:
+    """The upstream modules on each prompt alone, as `SamPredictor.predict_torch`
+    calls them, with every mask token: ((b*N, 4, 256, 256), (b*N, 4))."""
+    low_res, iou = [], []
+    with torch.no_grad():
+        for j in range(request.images):
+            image = torch.from_numpy(request.embeddings[j:j + 1])
+            for i in range(request.prompts):
+                labels, coords = request.labels[j, i], request.coords[j, i]
+                is_point = (labels == spec.LABEL_FOREGROUND) | (labels == spec.LABEL_BACKGROUND)
+                corners = coords[(labels == spec.LABEL_BOX_TOP_LEFT) | (labels == spec.LABEL_BOX_BOTTOM_RIGHT)]
+                points = None
+                if is_point.any():
+                    points = (torch.from_numpy(coords[is_point])[None], torch.from_numpy(labels[is_point])[None])
+                box = torch.from_numpy(corners.reshape(1, 4)) if corners.size else None
+                mask = None
+                if request.has_mask_input[j, i] > 0.5:
+                    mask = torch.from_numpy(request.mask_inputs[j, i])[None, None]
+                sparse, dense = sam.prompt_encoder(points=points, boxes=box, masks=mask)
+                m, s = sam.mask_decoder.predict_masks(image, sam.prompt_encoder.get_dense_pe(), sparse, dense)
+                low_res.append(m[0].numpy())
+                iou.append(s[0].numpy())
+    return np.stack(low_res), np.stack(iou)
 
 
 def check_parity(sam: torch.nn.Module, encoder_size: int, encoder_path: Path, decoder_path: Path,
-                 seed: int = 0) -> ParityReport:
+                 seed: int = 0, ragged_tokens: int | None = None) -> ParityReport:
     """Run the exported graphs and the PyTorch modules on the same random inputs.
 
     The encoder is run at batch 2 (a graph that froze the batch size fails
-    here), the decoder with boxes spread over two images.
+    here); the decoder gets every prompt kind (`sample_requests`) on the two
+    embeddings in one call, against the upstream modules prompt by prompt,
+    on all four mask tokens.  A GPU-target decoder (`ragged_tokens` per
+    prompt) gets the same prompts as Triton's TensorRT backend lays them out.
     """
     import onnxruntime as ort
 
@@ -136,40 +183,20 @@ def check_parity(sam: torch.nn.Module, encoder_size: int, encoder_path: Path, de
     with torch.no_grad():
         torch_emb = sam.image_encoder(torch.from_numpy(pixels)).numpy()
 
-    n = 6
-    # Boxes are in the prompt frame, whatever the encoder's input size.
-    xy0 = rng.uniform(0, spec.PROMPT_SIZE * 0.6, size=(n, 2))
-    wh = rng.uniform(8, spec.PROMPT_SIZE * 0.4, size=(n, 2))
-    boxes = np.concatenate([xy0, xy0 + wh], axis=1).astype(np.float32)
+    requests = decoder_batch.sample_requests(rng, images=torch_emb)
     dec = ort.InferenceSession(str(decoder_path), opts, providers=["CPUExecutionProvider"])
-    if spec.BOXES_ACCUMULATED_NAME in {i.name for i in dec.get_inputs()}:
-        # The GPU target's ragged graph: boxes grouped by image, flattened.
-        index = np.array([0, 0, 0, 1, 1, 1], dtype=np.int32)
-        feeds = {spec.MODEL_BOXES.name: boxes.reshape(-1),
-                 spec.BOXES_ACCUMULATED_NAME: np.array([12, 24], dtype=np.int32)}
+    if ragged_tokens is not None:
+        feeds = decoder_batch.ragged_feeds(requests, ragged_tokens)
     else:
-        index = np.array([0, 1, 0, 1, 1, 0], dtype=np.int32)
-        feeds = {spec.MODEL_BOXES.name: boxes, spec.BOX_IMAGE_INDEX.name: index}
-    onnx_masks, onnx_iou = dec.run(None, {spec.IMAGE_EMBEDDINGS_NAME: torch_emb, **feeds})
-    # Reference: the upstream modules, one image at a time, as the predictor calls them.
-    ref_masks = np.empty_like(onnx_masks)
-    ref_iou = np.empty_like(onnx_iou)
-    with torch.no_grad():
-        for image in (0, 1):
-            sel = np.flatnonzero(index == image)
-            sparse, dense = sam.prompt_encoder(points=None, boxes=torch.from_numpy(boxes[sel]), masks=None)
-            masks, iou = sam.mask_decoder(
-                image_embeddings=torch.from_numpy(torch_emb[image : image + 1]),
-                image_pe=sam.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=False,
-            )
-            ref_masks[sel] = masks[:, 0].numpy()
-            ref_iou[sel] = iou[:, 0].numpy()
+        feeds = all_mask_tokens(decoder_batch.stack(requests, [False] * len(requests)).feeds)
+    onnx_masks, onnx_iou = dec.run(_DECODER_OUTPUTS, feeds)
+    ref = [upstream_decoder(sam, r) for r in requests]
+    ref_masks = np.concatenate([m for m, _ in ref])
+    ref_iou = np.concatenate([i for _, i in ref])
     return ParityReport(
         encoder_max_abs_diff=float(np.abs(onnx_emb - torch_emb).max()),
         decoder_mask_max_abs_diff=float(np.abs(onnx_masks - ref_masks).max()),
         decoder_iou_max_abs_diff=float(np.abs(onnx_iou - ref_iou).max()),
-        decoder_mask_min_iou=float(mask_ious(onnx_masks > 0, ref_masks > 0).min()),
+        decoder_mask_min_iou=float(mask_ious(onnx_masks.reshape(-1, *onnx_masks.shape[2:]) > 0,
+                                             ref_masks.reshape(-1, *ref_masks.shape[2:]) > 0).min()),
     )

@@ -91,15 +91,14 @@ def _check_tensorrt_graphs(variant: ModelVariant, encoder_onnx: Path, decoder_on
     import onnx
 
     found = trt_compat.problems(onnx.load(str(encoder_onnx), load_external_data=False), ())
-    found += trt_compat.problems(onnx.load(str(decoder_onnx)),
-                                 (spec.MODEL_BOXES_NAME, spec.BOXES_ACCUMULATED_NAME))
+    found += trt_compat.problems(onnx.load(str(decoder_onnx)), trt_compat.DECODER_VALUE_INPUTS)
     if found:
         raise ParityError(f"{variant.name}: the ONNX graphs are not TensorRT-ready: " + "; ".join(found[:5]))
-    log(f"[{variant.name}] graphs checked for TensorRT (operators, no shape computed from box values)")
+    log(f"[{variant.name}] graphs checked for TensorRT (operators, no shape computed from prompt values)")
 
 
 def _export_variant(source: ModelSource, out_dir: Path, tmp: Path, log,
-                    target: str = "cpu") -> tuple[WeightsInfo, ParityReport]:
+                    options: ServingOptions) -> tuple[WeightsInfo, ParityReport]:
     variant = source.variant
     if source.checkpoint is None:
         checkpoint = ckpt.write_random_checkpoint(variant, tmp / variant.checkpoint_file, source.random_seed)
@@ -116,15 +115,19 @@ def _export_variant(source: ModelSource, out_dir: Path, tmp: Path, log,
     decoder_onnx.parent.mkdir(parents=True, exist_ok=True)
     log(f"[{variant.name}] exporting the image encoder ({variant.encoder_size}x{variant.encoder_size}) to ONNX")
     export_encoder(sam, variant.encoder_size, encoder_onnx)
-    if target == "gpu":
-        log(f"[{variant.name}] exporting the mask decoder to ONNX (ragged boxes, for TensorRT)")
-        export_ragged_decoder(sam, decoder_onnx)
+    ragged_tokens = None
+    if options.target == "gpu":
+        ragged_tokens = spec.gpu_prompt_tokens(options.limits.max_points)
+        log(f"[{variant.name}] exporting the mask decoder to ONNX (ragged prompts of {ragged_tokens} tokens, "
+            "for TensorRT)")
+        export_ragged_decoder(sam, decoder_onnx, ragged_tokens)
         _check_tensorrt_graphs(variant, encoder_onnx, decoder_onnx, log)
     else:
         log(f"[{variant.name}] exporting the mask decoder to ONNX")
         export_decoder(sam, decoder_onnx)
-    log(f"[{variant.name}] checking ONNX Runtime against PyTorch")
-    parity = check_parity(sam, variant.encoder_size, encoder_onnx, decoder_onnx)
+    log(f"[{variant.name}] checking ONNX Runtime against PyTorch (boxes, points, box + points, mask inputs; "
+        "all mask tokens)")
+    parity = check_parity(sam, variant.encoder_size, encoder_onnx, decoder_onnx, ragged_tokens=ragged_tokens)
     for line in parity.lines():
         log("  " + line)
     if parity.problems():
@@ -161,7 +164,7 @@ def build_repository(
         weights, parity = {}, {}
         with tempfile.TemporaryDirectory(prefix="samtriton-build-") as tmp:
             for source in sources:
-                w, p = _export_variant(source, staging, Path(tmp), log, options.target)
+                w, p = _export_variant(source, staging, Path(tmp), log, options)
                 weights[source.variant.name], parity[source.variant.name] = w, p
         configs = model_configs(variants, weights, options, default)
         _copy_python_models(staging, configs)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import onnx
 
+from samtriton import spec
+
 # ONNX operators the graphs may contain; all are TensorRT 10 layers.
 SUPPORTED_OPS = frozenset({
     "Add", "Cast", "Clip", "Concat", "Constant", "ConstantOfShape", "Conv", "ConvTranspose", "Cos", "Div",
@@ -43,9 +45,15 @@ SHAPE_INPUTS = {
 }
 
 
+# The GPU decoder graph's inputs whose values come from requests (prompts,
+# masks, the running counts of the ragged batch): none may shape anything.
+DECODER_VALUE_INPUTS = (spec.PROMPT_COORDS_NAME, spec.PROMPT_LABELS_NAME, spec.MODEL_MASK_INPUTS_NAME,
+                        spec.HAS_MASK_INPUT_NAME, spec.LABELS_ACCUMULATED_NAME, spec.MASKS_ACCUMULATED_NAME)
+
+
 def problems(model: onnx.ModelProto, value_inputs: tuple[str, ...]) -> list[str]:
     """What TensorRT would refuse in `model`; `value_inputs` are the graph inputs
-    whose values come from requests (boxes, counts), which must not shape anything."""
+    whose values come from requests (prompts, counts), which must not shape anything."""
     found = []
     tainted = set(value_inputs)
     for node in model.graph.node:  # ONNX graphs are stored in topological order

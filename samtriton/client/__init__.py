@@ -1,4 +1,4 @@
-"""Python SDK for the samtriton `sam` ensemble."""
+"""Python SDK for the samtriton `sam` ensemble: boxes, points, box + points, mask refinement, multimask."""
 
 from samtriton.client.errors import (
     InferenceFailedError,
@@ -9,6 +9,7 @@ from samtriton.client.errors import (
     ServerUnavailableError,
 )
 from samtriton.client.async_client import AsyncSamClient
+from samtriton.client.inputs import Prompt
 from samtriton.client.protocol import EncodedImage
 from samtriton.client.result import SegmentationResult
 from samtriton.client.sync_client import SamClient
@@ -17,6 +18,7 @@ __all__ = [
     "SamClient",
     "AsyncSamClient",
     "EncodedImage",
+    "Prompt",
     "SegmentationResult",
     "SamTritonError",
     "InvalidInputError",

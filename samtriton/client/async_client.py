@@ -10,7 +10,7 @@ from tritonclient.utils import InferenceServerException
 from samtriton import spec
 from samtriton.client import protocol as proto
 from samtriton.client.errors import ServerUnavailableError, from_triton
-from samtriton.client.inputs import as_boxes, encode_image
+from samtriton.client.inputs import encode_image
 from samtriton.client.result import SegmentationResult
 
 
@@ -58,11 +58,26 @@ class AsyncSamClient(proto.ClientSettings):
         except (ConnectionError, OSError) as e:
             raise ServerUnavailableError(f"{self.url}: {e}") from e
 
-    async def segment(self, image, boxes, mask_transport: str = "rle") -> SegmentationResult:
-        box_array = as_boxes(boxes)
-        inputs, outputs, params = proto.segment_request(self._module, encode_image(image), box_array, mask_transport)
-        response = await self._infer(self.model_name, inputs, outputs, params)
-        return proto.segment_response(response, box_array, mask_transport)
+    async def segment(self, image, boxes=None, *, points=None, point_labels=None, mask_input=None,
+                      multimask=False, prompts=None, mask_transport: str = "rle",
+                      return_low_res_logits: bool = False) -> SegmentationResult:
+        """See `SamClient.segment`.  With mixed prompt kinds, the first request
+        encodes the image and the others, answered from the cache, run together."""
+        image_bytes = encode_image(image)
+        plan = proto.plan_requests(boxes, points, point_labels, mask_input, prompts)
+
+        async def one(wire):
+            inputs, outputs, params = proto.segment_request(self._module, image_bytes, wire, mask_transport,
+                                                            multimask, return_low_res_logits)
+            response = await self._infer(self.model_name, inputs, outputs, params)
+            return proto.segment_response(response, wire, mask_transport, multimask, return_low_res_logits)
+
+        first = await one(plan[0][1])
+        if len(plan) == 1:
+            return first
+        rest = await asyncio.gather(*(one(wire) for _, wire in plan[1:]))
+        parts = list(zip([members for members, _ in plan], [first, *rest]))
+        return proto.merge_results(parts, multimask, return_low_res_logits)
 
     async def encode(self, image, return_embeddings: bool = False) -> proto.EncodedImage:
         image_bytes = encode_image(image)
@@ -72,21 +87,25 @@ class AsyncSamClient(proto.ClientSettings):
         response = await self._infer(model, inputs, outputs, params)
         return proto.encode_response(response, image_bytes, return_embeddings)
 
-    async def decode(self, encoded: proto.EncodedImage, boxes, mask_transport: str = "rle") -> SegmentationResult:
-        return await self.segment(encoded.image_bytes, boxes, mask_transport)
+    async def decode(self, encoded: proto.EncodedImage, boxes=None, **prompts) -> SegmentationResult:
+        """See `SamClient.decode`."""
+        return await self.segment(encoded.image_bytes, boxes, **prompts)
 
     async def segment_many(self, requests: Iterable[tuple[object, object]], concurrency: int = 16,
                            mask_transport: str = "rle", return_exceptions: bool = False) -> list:
-        """Keeps up to `concurrency` requests in flight; results in input order."""
+        """Keeps up to `concurrency` requests in flight; results in input order.
+        Items are (image, boxes) or (image, {keyword arguments of `segment`})."""
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
         gate = asyncio.Semaphore(concurrency)
 
-        async def one(image, boxes):
+        async def one(image, prompts):
+            kwargs = dict(prompts) if isinstance(prompts, dict) else {"boxes": prompts}
+            kwargs.setdefault("mask_transport", mask_transport)
             async with gate:
-                return await self.segment(image, boxes, mask_transport)
+                return await self.segment(image, **kwargs)
 
-        tasks = [asyncio.ensure_future(one(image, boxes)) for image, boxes in requests]
+        tasks = [asyncio.ensure_future(one(image, prompts)) for image, prompts in requests]
         try:
             return await asyncio.gather(*tasks, return_exceptions=return_exceptions)
         finally:

@@ -34,13 +34,16 @@ class InferenceFailedError(SamTritonError, RuntimeError):
     """The server failed the request for another reason (internal error, timeout ...)."""
 
 
-# "in ensemble 'sam', boxes: box 2 ..." -> "boxes"
+# "in ensemble 'sam', boxes: box 2 ..." -> "boxes" (samtriton's own checks);
+# "unexpected shape for input 'mask_inputs' for model 'sam'" -> "mask_inputs"
+# (Triton's checks of the declared shapes and data types).
 _FIELD = re.compile(r"(?:^|, )([A-Za-z_][\w.]*): ")
+_TRITON_FIELD = re.compile(r"\binput '([A-Za-z_][\w.]*)'")
 _ENSEMBLE_PREFIX = re.compile(r"^in ensemble '[^']*', ")
 
 
 def field_of(message: str) -> str | None:
-    match = _FIELD.search(_ENSEMBLE_PREFIX.sub("", message))
+    match = _FIELD.search(_ENSEMBLE_PREFIX.sub("", message)) or _TRITON_FIELD.search(message)
     return match.group(1) if match else None
 
 

@@ -29,7 +29,10 @@ def load_rgb(image) -> Image.Image:
     return ImageOps.exif_transpose(pil).convert("RGB")
 
 
-def draw_overlay(image, masks: np.ndarray, boxes: np.ndarray, alpha: float = 0.5) -> Image.Image:
+def draw_overlay(image, masks: np.ndarray, boxes: np.ndarray | None = None, alpha: float = 0.5,
+                 points: np.ndarray | None = None, point_labels: np.ndarray | None = None) -> Image.Image:
+    """Masks (N, H, W) tinted over the image, each prompt's box outlined and its
+    clicks dotted (foreground filled, background hollow), in the mask's colour."""
     base = np.asarray(load_rgb(image), dtype=np.float32)
     if masks.shape[1:] != base.shape[:2]:
         raise ValueError(f"masks are {masks.shape[1:]}, image is {base.shape[:2]}")
@@ -39,7 +42,20 @@ def draw_overlay(image, masks: np.ndarray, boxes: np.ndarray, alpha: float = 0.5
         out[mask] = (1 - alpha) * out[mask] + alpha * color
     pil = Image.fromarray(out.clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(pil)
-    for i, box in enumerate(np.asarray(boxes)):
-        color = tuple(int(c) for c in PALETTE[i % len(PALETTE)])
-        draw.rectangle([float(v) for v in box], outline=color, width=max(2, pil.width // 400))
+    width = max(2, pil.width // 400)
+    for i, box in enumerate(np.asarray(boxes) if boxes is not None else []):
+        if np.isfinite(box).all():
+            draw.rectangle([float(v) for v in box], outline=_color(i), width=width)
+    if points is not None:
+        radius = 3 * width
+        for i, (prompt, labels) in enumerate(zip(np.asarray(points), np.asarray(point_labels))):
+            for (x, y), label in zip(prompt, labels):
+                if label < 0:
+                    continue  # padding
+                shape = [x - radius, y - radius, x + radius, y + radius]
+                draw.ellipse(shape, fill=_color(i) if label == 1 else None, outline=(255, 255, 255), width=width)
     return pil
+
+
+def _color(i: int) -> tuple[int, int, int]:
+    return tuple(int(c) for c in PALETTE[i % len(PALETTE)])

@@ -11,10 +11,11 @@ import numpy as np
 
 from samtriton import spec
 from samtriton.client.errors import SamTritonError
+from samtriton.client.inputs import WirePrompts, group_prompts, wire_prompts
 from samtriton.client.result import SegmentationResult
-from samtriton.serving.outputs import OUTPUTS_PARAMETER
+from samtriton.serving.request_parameters import MULTIMASK_PARAMETER, OUTPUTS_PARAMETER
 from samtriton.serving.postprocessing import decode_rle
-from samtriton.serving.preprocessing import Geometry
+from samtriton.serving.prompts import Geometry
 from samtriton.variants import get_variant
 
 PROTOCOLS = ("grpc", "http")
@@ -75,29 +76,104 @@ def _image_input(module, image_bytes: bytes):
     return image
 
 
-def segment_request(module, image_bytes: bytes, boxes: np.ndarray, mask_transport: str):
+def _input(module, spec_tensor, array: np.ndarray):
+    tensor = module.InferInput(spec_tensor.name, list(array.shape), spec_tensor.wire_dtype)
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+def segment_request(module, image_bytes: bytes, prompts: WirePrompts, mask_transport: str,
+                    multimask: bool = False, low_res_logits: bool = False):
     """Inputs, requested outputs and parameters of one `sam` request."""
     if mask_transport not in MASK_TRANSPORTS:
         raise ValueError(f"mask_transport must be one of {MASK_TRANSPORTS}, got {mask_transport!r}")
-    box_input = module.InferInput(spec.BOXES.name, list(boxes.shape), spec.BOXES.wire_dtype)
-    box_input.set_data_from_numpy(boxes)
-    masks_output = spec.MASKS_RLE.name if mask_transport == "rle" else spec.MASKS.name
-    names = [spec.SCORES.name, masks_output]
+    arrays = prompts.arrays()
+    inputs = [_image_input(module, image_bytes)] + [_input(module, t, arrays[t.name])
+                                                     for t in spec.PROMPT_INPUTS if t.name in arrays]
+    names = [spec.SCORES.name, spec.MASKS_RLE.name if mask_transport == "rle" else spec.MASKS.name]
+    if low_res_logits:
+        names.append(spec.LOW_RES_LOGITS.name)
     outputs = [module.InferRequestedOutput(n) for n in names]
-    return [_image_input(module, image_bytes), box_input], outputs, {OUTPUTS_PARAMETER: ",".join(names)}
+    parameters = {OUTPUTS_PARAMETER: ",".join(names)}
+    if multimask:
+        parameters[MULTIMASK_PARAMETER] = True
+    return inputs, outputs, parameters
 
 
-def segment_response(response, boxes: np.ndarray, mask_transport: str) -> SegmentationResult:
+def segment_response(response, prompts: WirePrompts, mask_transport: str, multimask: bool = False,
+                     low_res_logits: bool = False) -> SegmentationResult:
     scores = response.as_numpy(spec.SCORES.name)
     if mask_transport == "rle":
-        rles = [bytes(r) for r in response.as_numpy(spec.MASKS_RLE.name)]
-        masks = decode_rle(rles)
+        rle_array = response.as_numpy(spec.MASKS_RLE.name)
+        if rle_array is None:
+            raise SamTritonError("response is missing masks_rle")
+        flat = [bytes(r) for r in rle_array.reshape(-1)]
+        masks = decode_rle(flat)
+        masks = masks.reshape(*rle_array.shape, *masks.shape[1:])
+        rles = [flat[i:i + 3] for i in range(0, len(flat), 3)] if multimask else flat
     else:
         rles = []
         masks = response.as_numpy(spec.MASKS.name).astype(bool)
-    if scores is None or masks.shape[0] != scores.shape[0]:
-        raise SamTritonError("response is missing outputs or their lengths disagree")
-    return SegmentationResult(masks=masks, scores=scores.astype(np.float32), boxes=boxes, rles=rles)
+    logits = response.as_numpy(spec.LOW_RES_LOGITS.name) if low_res_logits else None
+    expected = (len(prompts), 3) if multimask else (len(prompts),)
+    if scores is None or scores.shape != expected or masks.shape[:len(expected)] != expected:
+        raise SamTritonError(f"response outputs disagree with the {len(prompts)} prompts sent "
+                             f"(scores {None if scores is None else list(scores.shape)}, masks {list(masks.shape)})")
+    if low_res_logits and (logits is None or logits.shape[0] != len(prompts)):
+        raise SamTritonError("response is missing low_res_logits")
+    return SegmentationResult(masks=masks, scores=scores.astype(np.float32), boxes=prompts.boxes, rles=rles,
+                              points=prompts.points, point_labels=prompts.point_labels, low_res_logits=logits,
+                              multimask=multimask)
+
+
+def plan_requests(boxes=None, points=None, point_labels=None, mask_input=None,
+                  prompts=None) -> list[tuple[list[int], WirePrompts]]:
+    """The `sam` requests a `segment` call makes: one, or one per prompt kind
+    when `prompts` (a list of `Prompt`) mixes kinds; with each request's
+    positions among the prompts."""
+    if prompts is not None:
+        if any(v is not None for v in (boxes, points, point_labels, mask_input)):
+            raise ValueError("pass either prompts=[Prompt, ...] or boxes/points/point_labels/mask_input, not both")
+        return group_prompts(prompts)
+    wire = wire_prompts(boxes, points, point_labels, mask_input)
+    return [(list(range(len(wire))), wire)]
+
+
+def merge_results(parts: list[tuple[list[int], SegmentationResult]], multimask: bool,
+                  low_res_logits: bool) -> SegmentationResult:
+    """Results of the per-kind requests of `group_prompts` -> one result in prompt order."""
+    n = sum(len(members) for members, _ in parts)
+    order = np.empty(n, dtype=np.int64)
+    at = 0
+    for members, _ in parts:
+        order[members] = np.arange(at, at + len(members))
+        at += len(members)
+    results = [r for _, r in parts]
+
+    def cat(values):
+        return np.concatenate(values)[order]
+
+    boxes = None
+    if any(r.boxes is not None for r in results):
+        boxes = cat([r.boxes if r.boxes is not None else np.full((len(r), 4), np.nan, np.float32) for r in results])
+    points = labels = None
+    if any(r.points is not None for r in results):
+        width = max(r.points.shape[1] for r in results if r.points is not None)
+        padded_points, padded_labels = [], []
+        for r in results:
+            p = np.zeros((len(r), width, 2), np.float32)
+            lab = np.full((len(r), width), -1, np.int32)
+            if r.points is not None:
+                p[:, : r.points.shape[1]] = r.points
+                lab[:, : r.points.shape[1]] = r.point_labels
+            padded_points.append(p)
+            padded_labels.append(lab)
+        points, labels = cat(padded_points), cat(padded_labels)
+    rles = [rle for r in results for rle in r.rles]
+    return SegmentationResult(
+        masks=cat([r.masks for r in results]), scores=cat([r.scores for r in results]), boxes=boxes,
+        rles=[rles[i] for i in order] if rles else [], points=points, point_labels=labels,
+        low_res_logits=cat([r.low_res_logits for r in results]) if low_res_logits else None, multimask=multimask)
 
 
 # A box inside any image: its mask is cheap and tells the image size.
@@ -117,7 +193,7 @@ def encode_request(module, image_bytes: bytes, return_embeddings: bool, segment_
     if return_embeddings:
         names = [spec.IMAGE_GEOMETRY.name, spec.IMAGE_EMBEDDINGS_NAME]
         return encode_model, [_image_input(module, image_bytes)], [module.InferRequestedOutput(n) for n in names], None
-    inputs, _, _ = segment_request(module, image_bytes, _PROBE_BOX, "rle")
+    inputs, _, _ = segment_request(module, image_bytes, WirePrompts(boxes=_PROBE_BOX), "rle")
     outputs = [module.InferRequestedOutput(spec.MASKS_RLE.name)]
     return segment_model, inputs, outputs, {OUTPUTS_PARAMETER: spec.MASKS_RLE.name}
 

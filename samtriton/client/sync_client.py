@@ -10,23 +10,26 @@ from tritonclient.utils import InferenceServerException
 from samtriton import spec
 from samtriton.client import protocol as proto
 from samtriton.client.errors import ServerUnavailableError, from_triton
-from samtriton.client.inputs import as_boxes, encode_image
+from samtriton.client.inputs import encode_image
 from samtriton.client.result import SegmentationResult
 
 
 class SamClient(proto.ClientSettings):
-    """Segment images with box prompts on a Triton server serving the `sam` ensemble.
+    """Segment images with box and point prompts on a Triton server serving the `sam` ensemble.
 
     >>> client = SamClient("localhost:8001", protocol="grpc")
     >>> result = client.segment("photo.jpg", [[10, 20, 200, 240]])
     >>> result.masks.shape, result.scores
+    >>> clicks = client.segment("photo.jpg", points=[[120, 80], [300, 90]], point_labels=[1, 0])
 
     `model="efficientvit-sam-l0"` calls that variant's ensembles in a
     repository holding several (the default is the repository's `sam`).
 
     Interactive use, one image and many prompts: `encoded = client.encode(image)`
-    once, then `client.decode(encoded, boxes)` as often as needed; the server
-    answers the image encoder from its response cache.
+    once, then `client.decode(encoded, points=..., ...)` per click; the server
+    answers the image encoder from its response cache.  Feed an answer back
+    with `mask_input=previous.low_res_logits[:, 0]` (asked for with
+    `return_low_res_logits=True`).
     """
 
     def __init__(self, url: str | None = None, protocol: str = "grpc", model_name: str = spec.ENSEMBLE,
@@ -67,17 +70,39 @@ class SamClient(proto.ClientSettings):
         except (ConnectionError, OSError) as e:
             raise ServerUnavailableError(f"{self.url}: {e}") from e
 
-    def segment(self, image, boxes, mask_transport: str = "rle") -> SegmentationResult:
-        """Masks for `boxes` (N x 4, xyxy, original pixels) on `image`.
+    def segment(self, image, boxes=None, *, points=None, point_labels=None, mask_input=None, multimask=False,
+                prompts=None, mask_transport: str = "rle", return_low_res_logits: bool = False) -> SegmentationResult:
+        """Masks for N prompts on `image`, one per prompt (three with `multimask`).
 
         `image`: a path, encoded bytes, a PIL image or an HxWx3 uint8 RGB array.
+        Prompts, in original pixels, N of them sharing their kinds:
+          `boxes` (N, 4) xyxy;
+          `points` (N, P, 2) xy, or a list of N lists of any lengths (padded with
+            label -1 here), or (P, 2) / (2,) for one prompt;
+          `point_labels` like `points` without the xy axis: 1 foreground, 0
+            background (default: all 1);
+          `mask_input` (N, 256, 256): low-res logits of a previous answer
+            (`return_low_res_logits=True`), to refine it.
+        Boxes and points together make box + points prompts.  To mix kinds
+        (some prompts with a box, some without), pass `prompts=[Prompt(...), ...]`:
+        one request per kind is sent, the image is encoded once.
+        `multimask`: three candidates per prompt with their predicted IoU
+        (masks (N, 3, H, W), scores (N, 3)), for ambiguous single clicks.
         `mask_transport`: "rle" fetches compact COCO RLEs and decodes them here;
         "dense" fetches the N x H x W uint8 masks as they are.
         """
-        box_array = as_boxes(boxes)
-        inputs, outputs, params = proto.segment_request(self._module, encode_image(image), box_array, mask_transport)
-        response = self._infer(self.model_name, inputs, outputs, params)
-        return proto.segment_response(response, box_array, mask_transport)
+        image_bytes = encode_image(image)
+        plan = proto.plan_requests(boxes, points, point_labels, mask_input, prompts)
+        parts = []
+        for members, wire in plan:  # the first request encodes the image; the others hit the cache
+            inputs, outputs, params = proto.segment_request(self._module, image_bytes, wire, mask_transport,
+                                                            multimask, return_low_res_logits)
+            response = self._infer(self.model_name, inputs, outputs, params)
+            parts.append((members, proto.segment_response(response, wire, mask_transport, multimask,
+                                                          return_low_res_logits)))
+        if len(parts) == 1:
+            return parts[0][1]
+        return proto.merge_results(parts, multimask, return_low_res_logits)
 
     def encode(self, image, return_embeddings: bool = False) -> proto.EncodedImage:
         """Run the image encoder once (the server caches the embedding)."""
@@ -88,13 +113,16 @@ class SamClient(proto.ClientSettings):
         response = self._infer(model, inputs, outputs, params)
         return proto.encode_response(response, image_bytes, return_embeddings)
 
-    def decode(self, encoded: proto.EncodedImage, boxes, mask_transport: str = "rle") -> SegmentationResult:
-        """Masks for new boxes on an image passed to `encode` before."""
-        return self.segment(encoded.image_bytes, boxes, mask_transport)
+    def decode(self, encoded: proto.EncodedImage, boxes=None, **prompts) -> SegmentationResult:
+        """Masks for new prompts on an image passed to `encode` before: the same
+        arguments as `segment`; only the decoder runs (a click costs tens of ms)."""
+        return self.segment(encoded.image_bytes, boxes, **prompts)
 
     def segment_many(self, requests: Iterable[tuple[object, object]], concurrency: int = 16,
                      mask_transport: str = "rle", return_exceptions: bool = False) -> list:
-        """Segment many (image, boxes) pairs keeping `concurrency` requests in flight.
+        """Segment many (image, boxes) pairs keeping `concurrency` requests in flight;
+        an item may also be (image, {"points": ..., "multimask": True, ...}), the
+        keyword arguments of `segment`.
 
         Results come in the order of `requests`.  With `return_exceptions`, a
         failed request gives its exception in its place instead of raising.

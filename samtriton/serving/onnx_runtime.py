@@ -22,17 +22,19 @@ def make_session(path: str, intra_op_threads: int = 0, inter_op_threads: int = 1
     return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
 
+def concat(arrays: list[np.ndarray]) -> np.ndarray:
+    """Concatenate along the first axis, without copying when there is only one."""
+    out = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
+    return np.ascontiguousarray(out)
+
+
 def encode(session, pixel_values: np.ndarray) -> np.ndarray:
     """(B, 3, S, S) -> (B, 256, 64, 64)."""
     return session.run(None, {spec.PIXEL_VALUES_NAME: np.ascontiguousarray(pixel_values, dtype=np.float32)})[0]
 
 
-def decode(session, embeddings: np.ndarray, model_boxes: np.ndarray, box_image_index: np.ndarray):
-    """Boxes of several images in one call -> ((N, 256, 256) logits, (N,) iou predictions)."""
-    feeds = {
-        spec.IMAGE_EMBEDDINGS_NAME: np.ascontiguousarray(embeddings, dtype=np.float32),
-        spec.MODEL_BOXES.name: np.ascontiguousarray(model_boxes, dtype=np.float32),
-        spec.BOX_IMAGE_INDEX.name: np.ascontiguousarray(box_image_index, dtype=np.int32),
-    }
-    low_res, iou = session.run([spec.LOW_RES_MASKS.name, spec.IOU_PREDICTIONS.name], feeds)
+def decode(session, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts of several images in one call (`decoder_batch.stack`'s feeds) ->
+    ((P, 4, 256, 256) logits, (P, 4) iou predictions), one per mask token."""
+    low_res, iou = session.run([spec.LOW_RES_MASKS_NAME, spec.IOU_PREDICTIONS_NAME], feeds)
     return low_res, iou

@@ -7,14 +7,17 @@ request gets alone" and the in-process side of served-vs-in-process figures.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from samtriton import spec
+from samtriton.serving import decoder_batch
 from samtriton.serving.onnx_runtime import decode, encode, make_session
 from samtriton.serving.postprocessing import masks_from_logits
 from samtriton.serving.preprocessing import PreprocessSettings, Preprocessed, preprocess
+from samtriton.serving.prompts import PromptInputs, Prompts
 from samtriton.variants import get_variant
 
 
@@ -33,6 +36,16 @@ def repository_names(repo: Path, model: str | None = None) -> spec.ModelNames:
     return spec.model_names(get_variant(model).slug)
 
 
+@dataclass(frozen=True)
+class InProcessResult:
+    """What a `sam` request returns: masks (N, H, W) bool or (N, 3, H, W) with
+    multimask, scores (N,) or (N, 3), low-res logits (N, K, 256, 256)."""
+
+    masks: np.ndarray
+    scores: np.ndarray
+    low_res_logits: np.ndarray
+
+
 class InProcessPipeline:
     def __init__(self, model_repository: str | Path, intra_op_threads: int = 0, model: str | None = None):
         repo = Path(model_repository)
@@ -41,17 +54,30 @@ class InProcessPipeline:
         self.encoder = make_session(str(repo / self.names.image_encoder / "1" / "model.onnx"), intra_op_threads)
         self.decoder = make_session(str(repo / self.names.mask_decoder / "1" / "model.onnx"), intra_op_threads)
 
-    def preprocess(self, image_bytes: bytes, boxes=None) -> Preprocessed:
-        return preprocess(image_bytes, boxes, self.settings)
+    def preprocess(self, image_bytes: bytes, prompts: PromptInputs | None = None) -> Preprocessed:
+        return preprocess(image_bytes, prompts, self.settings)
 
     def encode(self, pre: Preprocessed) -> np.ndarray:
         return encode(self.encoder, pre.pixel_values[np.newaxis])
 
-    def decode(self, embeddings: np.ndarray, model_boxes: np.ndarray):
-        return decode(self.decoder, embeddings, model_boxes, np.zeros(model_boxes.shape[0], np.int32))
+    def decode(self, embeddings: np.ndarray, prompts: Prompts, multimask: bool = False):
+        """One image's prompts -> ((N, K, 256, 256) logits, (N, K) scores), K = 1 or 3."""
+        request = [decoder_batch.DecoderRequest.of(embeddings, prompts)]
+        call = decoder_batch.stack(request, [multimask])
+        low_res, iou = decoder_batch.split(*decode(self.decoder, call.feeds), call, request, [multimask])[0]
+        return low_res[0], iou[0]
 
-    def segment(self, image_bytes: bytes, boxes) -> tuple[np.ndarray, np.ndarray]:
-        """(masks (N, H, W) bool, scores (N,) float32) for one request."""
-        pre = self.preprocess(image_bytes, np.asarray(boxes, dtype=np.float32))
-        low_res, scores = self.decode(self.encode(pre), pre.model_boxes)
-        return masks_from_logits(low_res, pre.geometry, self.settings.prompt_size), scores
+    def run(self, image_bytes: bytes, prompts: PromptInputs, multimask: bool = False) -> InProcessResult:
+        pre = self.preprocess(image_bytes, prompts)
+        low_res, scores = self.decode(self.encode(pre), pre.prompts, multimask)
+        masks = masks_from_logits(low_res.reshape(-1, *low_res.shape[2:]), pre.geometry, self.settings.prompt_size)
+        masks = masks.reshape(*low_res.shape[:2], *masks.shape[1:])
+        if not multimask:
+            masks, scores = masks[:, 0], scores[:, 0]
+        return InProcessResult(masks, scores, low_res)
+
+    def segment(self, image_bytes: bytes, boxes=None, *, points=None, point_labels=None, mask_inputs=None,
+                multimask: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(masks, scores) for one request, as `sam` answers it."""
+        result = self.run(image_bytes, PromptInputs(boxes, points, point_labels, mask_inputs), multimask)
+        return result.masks, result.scores

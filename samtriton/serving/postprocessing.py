@@ -22,7 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from samtriton.serving.preprocessing import Geometry
+from samtriton import spec
+from samtriton.serving.decoder_batch import select_candidates
+from samtriton.serving.prompts import Geometry
 from samtriton.spec import PROMPT_SIZE
 
 MASK_THRESHOLD = 0.0
@@ -71,6 +73,21 @@ def _resize(x: np.ndarray, rows: Taps, cols: Taps) -> np.ndarray:
     """(N, H, W) -> (N, len(rows), len(cols)); width pass first, as torch's kernel nests it."""
     x = x[:, :, cols.i0] * cols.w0 + x[:, :, cols.i1] * cols.w1
     return x[:, rows.i0, :] * rows.w0[:, None] + x[:, rows.i1, :] * rows.w1[:, None]
+
+
+def candidates(low_res: np.ndarray, iou: np.ndarray, multimask: bool) -> tuple[np.ndarray, np.ndarray]:
+    """One request's decoder outputs [1, N, K, 256, 256], [1, N, K] -> the (N, K',
+    256, 256), (N, K') candidates it asked for: the CPU decoder already sent
+    them (K = 1, or 3 for multimask); a TensorRT engine sends all four mask
+    tokens (K = 4) and they are picked here."""
+    low_res = low_res.reshape(-1, *low_res.shape[-3:])
+    iou = iou.reshape(-1, iou.shape[-1])
+    k = iou.shape[1]
+    if k == spec.NUM_MASK_TOKENS:
+        return select_candidates(low_res, iou, tuple(range(spec.NUM_MASK_TOKENS)), multimask)
+    if k != (3 if multimask else 1) or low_res.shape[1] != k:
+        raise ValueError(f"the decoder sent {k} candidates per prompt for multimask_output={multimask}")
+    return low_res, iou
 
 
 def masks_from_logits(low_res: np.ndarray, geometry: Geometry, frame_size: int = PROMPT_SIZE) -> np.ndarray:

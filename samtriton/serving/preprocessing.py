@@ -1,14 +1,15 @@
-"""Image decoding, resizing and box transformation, as the upstream SAM predictor does them.
+"""Image decoding and resizing as the upstream SAM predictor does them, and a request's whole preprocess.
 
 Upstream (`ResizeLongestSide.apply_image` + `Sam.preprocess`): resize the RGB
 uint8 image with PIL bilinear so its longest side is the encoder size
 (rounding each side with int(x + 0.5)), normalise with the pixel mean/std,
-then zero-pad bottom/right to a square.  Boxes are scaled by the same per-axis
-factors.  Padding happens after normalisation, so the pad is 0 in normalised
-space; doing both here keeps the encoder graph a plain network.
+then zero-pad bottom/right to a square.  Prompts are scaled by the same
+per-axis factors (`samtriton.serving.prompts`).  Padding happens after
+normalisation, so the pad is 0 in normalised space; doing both here keeps
+the encoder graph a plain network.
 
 The encoder's input size and the prompt frame differ for EfficientViT-SAM
-L0-L2 (512 vs 1024): the image is resized for the encoder, while the boxes
+L0-L2 (512 vs 1024): the image is resized for the encoder, while the prompts
 and the geometry the postprocess uses are in the 1024 frame, as its
 predictor computes `input_size` with the 1024 long side.
 """
@@ -22,34 +23,12 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from samtriton.serving.errors import InvalidInput
+from samtriton.serving.prompts import Geometry, Limits, PromptInputs, Prompts, build_prompts
 from samtriton.spec import PROMPT_SIZE
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")
 # Pillow's modes for 16-bit grayscale (PNG opens as I;16, some builds as I).
 _WIDE_GRAY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_image_bytes: int = 32 * 1024 * 1024
-    max_pixels: int = 40_000_000
-    max_boxes: int = 256
-
-
-@dataclass(frozen=True)
-class Geometry:
-    original_h: int
-    original_w: int
-    input_h: int  # resized size before padding, in the prompt frame
-    input_w: int
-
-    def as_array(self) -> np.ndarray:
-        return np.array([self.original_h, self.original_w, self.input_h, self.input_w], dtype=np.int32)
-
-    @classmethod
-    def from_array(cls, values) -> "Geometry":
-        a = [int(v) for v in np.asarray(values).reshape(-1)]
-        return cls(*a)
 
 
 def resized_shape(h: int, w: int, long_side: int) -> tuple[int, int]:
@@ -119,52 +98,6 @@ def normalise_and_pad(resized: np.ndarray, size: int, mean, std) -> np.ndarray:
     return out
 
 
-def validate_boxes(boxes, geometry: Geometry, limits: Limits = Limits()) -> np.ndarray:
-    """Check xyxy boxes in original pixels; returns them as float32 (N, 4)."""
-    boxes = np.asarray(boxes)
-    if boxes.dtype != np.float32:
-        raise InvalidInput("boxes", f"expected FP32, got {boxes.dtype}")
-    if boxes.ndim != 2 or boxes.shape[1] != 4:
-        raise InvalidInput("boxes", f"expected shape [N, 4] (x0, y0, x1, y1), got {list(boxes.shape)}")
-    n = boxes.shape[0]
-    if n == 0:
-        raise InvalidInput("boxes", "at least one box is required")
-    if n > limits.max_boxes:
-        raise InvalidInput("boxes", f"{n} boxes exceeds the limit of {limits.max_boxes} per request")
-    bad = ~np.isfinite(boxes).all(axis=1)
-    if bad.any():
-        raise InvalidInput("boxes", f"box {int(np.argmax(bad))} has a NaN or infinite coordinate")
-    inverted = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
-    if inverted.any():
-        i = int(np.argmax(inverted))
-        raise InvalidInput("boxes", f"box {i} {boxes[i].tolist()} has x1 < x0 or y1 < y0 (expected x0, y0, x1, y1)")
-    outside = (
-        (boxes[:, 2] < 0) | (boxes[:, 3] < 0) | (boxes[:, 0] > geometry.original_w) | (boxes[:, 1] > geometry.original_h)
-    )
-    if outside.any():
-        i = int(np.argmax(outside))
-        raise InvalidInput(
-            "boxes",
-            f"box {i} {boxes[i].tolist()} lies wholly outside the "
-            f"{geometry.original_w}x{geometry.original_h} image",
-        )
-    return boxes
-
-
-def transform_boxes(boxes: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """Original-pixel boxes -> the prompt frame (ResizeLongestSide.apply_boxes)."""
-    scale = np.array(
-        [
-            geometry.input_w / geometry.original_w,
-            geometry.input_h / geometry.original_h,
-            geometry.input_w / geometry.original_w,
-            geometry.input_h / geometry.original_h,
-        ],
-        dtype=np.float64,
-    )
-    return (boxes.astype(np.float64) * scale).astype(np.float32)
-
-
 @dataclass(frozen=True)
 class PreprocessSettings:
     encoder_size: int
@@ -172,11 +105,14 @@ class PreprocessSettings:
     pixel_mean: tuple[float, float, float]
     pixel_std: tuple[float, float, float]
     limits: Limits
+    # > 0: every prompt padded to this many decoder tokens (GPU target).
+    pad_prompt_tokens: int = 0
 
     @classmethod
-    def for_variant(cls, variant, limits: Limits = Limits()) -> "PreprocessSettings":
+    def for_variant(cls, variant, limits: Limits = Limits(), pad_prompt_tokens: int = 0) -> "PreprocessSettings":
         """From a `samtriton.variants.ModelVariant`."""
-        return cls(variant.encoder_size, PROMPT_SIZE, tuple(variant.pixel_mean), tuple(variant.pixel_std), limits)
+        return cls(variant.encoder_size, PROMPT_SIZE, tuple(variant.pixel_mean), tuple(variant.pixel_std), limits,
+                   pad_prompt_tokens)
 
     def to_parameters(self) -> dict[str, str]:
         """The preprocess model's config.pbtxt parameters (`samtriton build` writes them)."""
@@ -188,6 +124,8 @@ class PreprocessSettings:
             "max_image_bytes": str(self.limits.max_image_bytes),
             "max_pixels": str(self.limits.max_pixels),
             "max_boxes": str(self.limits.max_boxes),
+            "max_points": str(self.limits.max_points),
+            "pad_prompt_tokens": str(self.pad_prompt_tokens),
         }
 
     @classmethod
@@ -198,30 +136,30 @@ class PreprocessSettings:
             prompt_size=int(params["prompt_size"]),
             pixel_mean=tuple(float(v) for v in params["pixel_mean"].split(",")),
             pixel_std=tuple(float(v) for v in params["pixel_std"].split(",")),
-            limits=Limits(int(params["max_image_bytes"]), int(params["max_pixels"]), int(params["max_boxes"])),
+            limits=Limits(int(params["max_image_bytes"]), int(params["max_pixels"]), int(params["max_boxes"]),
+                          int(params["max_points"])),
+            pad_prompt_tokens=int(params["pad_prompt_tokens"]),
         )
 
 
 @dataclass(frozen=True)
 class Preprocessed:
     pixel_values: np.ndarray  # (3, S, S) float32
-    model_boxes: np.ndarray  # (N, 4) float32, prompt frame
     geometry: Geometry
+    prompts: Prompts | None  # None: the image alone (`sam_encode`)
 
 
-def preprocess(image_bytes: bytes, boxes, settings: PreprocessSettings) -> Preprocessed:
-    """`boxes=None` prepares the image alone (the `sam_encode` ensemble)."""
+def preprocess(image_bytes: bytes, prompts: PromptInputs | None, settings: PreprocessSettings) -> Preprocessed:
+    """`prompts=None` prepares the image alone (the `sam_encode` ensemble)."""
     rgb = decode_image(image_bytes, settings.limits)
     h, w = rgb.shape[:2]
-    new_h, new_w = resized_shape(h, w, settings.prompt_size)
-    geometry = Geometry(h, w, new_h, new_w)
-    if boxes is None:
-        model_boxes = np.zeros((0, 4), dtype=np.float32)
-    else:
-        model_boxes = transform_boxes(validate_boxes(boxes, geometry, settings.limits), geometry)
+    geometry = Geometry(h, w, *resized_shape(h, w, settings.prompt_size))
+    # Prompts are checked before the image is resized: a bad request fails fast.
+    tokens = None if prompts is None else build_prompts(prompts, geometry, settings.limits,
+                                                          settings.pad_prompt_tokens)
     resized = resize_longest_side(rgb, settings.encoder_size)
     return Preprocessed(
         pixel_values=normalise_and_pad(resized, settings.encoder_size, settings.pixel_mean, settings.pixel_std),
-        model_boxes=model_boxes,
         geometry=geometry,
+        prompts=tokens,
     )

@@ -33,6 +33,11 @@ def input_array(request, name: str) -> np.ndarray:
     return tensor.as_numpy()
 
 
+def optional_array(request, name: str) -> np.ndarray | None:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
 def error_response(exc: BaseException, model_name: str):
     if isinstance(exc, InvalidInput):
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
@@ -42,11 +47,6 @@ def error_response(exc: BaseException, model_name: str):
     return pb_utils.InferenceResponse(
         error=pb_utils.TritonError(f"{model_name}: internal error: {exc}", pb_utils.TritonError.INTERNAL)
     )
-
-
-def stack(arrays: list[np.ndarray]) -> np.ndarray:
-    """Concatenate along the batch axis, without copying when there is only one."""
-    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
 
 
 def tensor(name: str, array: np.ndarray):

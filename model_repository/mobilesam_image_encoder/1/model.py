@@ -8,8 +8,8 @@ batch axis) and the embeddings are split back per request.
 import triton_python_backend_utils as pb_utils
 
 from samtriton import spec
-from samtriton.serving.onnx_runtime import encode
-from samtriton.serving.triton_helpers import ErrorResponses, input_array, onnx_session, stack, tensor
+from samtriton.serving.onnx_runtime import concat, encode
+from samtriton.serving.triton_helpers import ErrorResponses, input_array, onnx_session, tensor
 
 
 class TritonPythonModel:
@@ -20,7 +20,7 @@ class TritonPythonModel:
     def execute(self, requests):
         try:
             batches = [input_array(request, spec.PIXEL_VALUES_NAME) for request in requests]
-            embeddings = encode(self.session, stack(batches))
+            embeddings = encode(self.session, concat(batches))
         except Exception as e:
             return [self.error(e) for _ in requests]
         responses = []

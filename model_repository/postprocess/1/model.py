@@ -1,19 +1,20 @@
 """Triton python model: low-res logits -> masks at the original size, RLE, scores.
 
 Only the outputs named in the request parameter `outputs` are computed (see
-samtriton.serving.outputs): a scores-only request skips the resize, and
-`masks` (N x H x W bytes) is built only when asked for.  It has no weights
-and every variant's logits live in the same 1024 frame, so all the
-variants' ensembles share this one model.
+samtriton.serving.request_parameters): a scores-only request skips the
+resize, and `masks` (N x H x W bytes) is built only when asked for.  With
+`multimask_output` every output has one more axis, the three candidates of
+each prompt.  It has no weights and every variant's logits live in the same
+1024 frame, so all the variants' ensembles share this one model.
 """
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from samtriton import spec
-from samtriton.serving.outputs import requested_outputs
-from samtriton.serving.postprocessing import encode_rle, masks_from_logits
-from samtriton.serving.preprocessing import Geometry
+from samtriton.serving.postprocessing import candidates, encode_rle, masks_from_logits
+from samtriton.serving.prompts import Geometry
+from samtriton.serving.request_parameters import multimask_output, requested_outputs
 from samtriton.serving.triton_helpers import ErrorResponses, input_array, tensor
 
 
@@ -23,19 +24,24 @@ class TritonPythonModel:
 
     def _one(self, request):
         wanted = requested_outputs(request.parameters())
-        low_res = input_array(request, spec.LOW_RES_MASKS_NAME)
-        low_res = low_res.reshape(-1, *low_res.shape[-2:])
-        scores = input_array(request, spec.IOU_PREDICTIONS_NAME).reshape(-1).astype(np.float32, copy=False)
+        multimask = multimask_output(request.parameters())
+        low_res, scores = candidates(input_array(request, spec.LOW_RES_MASKS_NAME),
+                                     input_array(request, spec.IOU_PREDICTIONS_NAME), multimask)
         geometry = Geometry.from_array(input_array(request, spec.IMAGE_GEOMETRY.name))
+        # [N] per output for one candidate per prompt, [N, 3] for multimask.
+        prompts_shape = scores.shape if multimask else scores.shape[:1]
         outputs = []
         if spec.SCORES.name in wanted:
-            outputs.append(tensor(spec.SCORES.name, scores))
+            outputs.append(tensor(spec.SCORES.name, scores.reshape(prompts_shape)))
+        if spec.LOW_RES_LOGITS.name in wanted:
+            outputs.append(tensor(spec.LOW_RES_LOGITS.name, low_res))
         if wanted & {spec.MASKS.name, spec.MASKS_RLE.name}:
-            masks = masks_from_logits(low_res, geometry)
+            masks = masks_from_logits(low_res.reshape(-1, *low_res.shape[2:]), geometry)
             if spec.MASKS_RLE.name in wanted:
-                outputs.append(tensor(spec.MASKS_RLE.name, np.array(encode_rle(masks), dtype=np.object_)))
+                rles = np.array(encode_rle(masks), dtype=np.object_).reshape(prompts_shape)
+                outputs.append(tensor(spec.MASKS_RLE.name, rles))
             if spec.MASKS.name in wanted:
-                outputs.append(tensor(spec.MASKS.name, masks.view(np.uint8)))
+                outputs.append(tensor(spec.MASKS.name, masks.view(np.uint8).reshape(*prompts_shape, *masks.shape[1:])))
         return outputs
 
     def execute(self, requests):
