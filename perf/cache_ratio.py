@@ -14,22 +14,20 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import tritonclient.grpc as grpcclient
 
-from samtriton import server, spec
+from samtriton import spec
 from samtriton.client import SamClient
 from samtriton.sample_image import sample_scene
 from samtriton.variants import DEFAULT_MODEL, get_variant
 
 sys.path.insert(0, str(Path(__file__).parent))
-from latency import RESULTS, machine  # noqa: E402
+from latency import RESULTS, machine, model_stats, serving  # noqa: E402
 
 # The encoder behind `sam`, the ensemble SamClient calls by default.
 ENCODER = spec.default_names(get_variant(DEFAULT_MODEL).slug).image_encoder
@@ -40,16 +38,6 @@ def jpeg(seed: int) -> bytes:
     buf = io.BytesIO()
     scene.save(buf, format="JPEG", quality=92)
     return buf.getvalue()
-
-
-def encoder_counters(url: str) -> dict[str, int]:
-    client = grpcclient.InferenceServerClient(url)
-    try:
-        s = client.get_inference_statistics(ENCODER).model_stats[0]
-    finally:
-        client.close()
-    return {"executions": s.execution_count, "inferences": s.inference_count,
-            "cache_hits": s.inference_stats.cache_hit.count, "cache_misses": s.inference_stats.cache_miss.count}
 
 
 def timed(fn) -> float:
@@ -71,23 +59,16 @@ def main() -> int:
         x0, y0 = rng.uniform(0, 800), rng.uniform(0, 500)
         return [[x0, y0, x0 + rng.uniform(40, 200), y0 + rng.uniform(40, 180)]]
 
-    http, grpc, metrics = server.free_ports(3)
-    proc = server.start(server.ServerOptions(Path(args.model_repository), http, grpc, metrics),
-                        stdout=open(os.devnull, "wb"), stderr=open(os.devnull, "wb"))
-    try:
-        server.wait_ready(proc, http)
-        url = f"127.0.0.1:{grpc}"
+    with serving(args.model_repository) as url:
         with SamClient(url) as client:
             client.segment(jpeg(999), one_box())  # warm-up: first calls pay one-off costs
             new_images = [jpeg(seed) for seed in range(args.new_images)]
             new = [timed(lambda img=img: client.segment(img, one_box())) for img in new_images]
             cached_image = jpeg(0)  # served above, so its embedding is in the cache
-            before = encoder_counters(url)
+            before = model_stats(url, ENCODER)
             cached = [timed(lambda: client.segment(cached_image, one_box())) for _ in range(args.cached_requests)]
             time.sleep(0.2)  # Triton records the last hit just after answering
-            after = encoder_counters(url)
-    finally:
-        server.stop(proc)
+            after = model_stats(url, ENCODER)
 
     delta = {k: after[k] - before[k] for k in after}
     new_ms, cached_ms = statistics.median(new), statistics.median(cached)

@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import tritonclient.grpc as grpcclient
 
 from samtriton import spec
 from samtriton.client import AsyncSamClient, SamClient
@@ -41,7 +40,7 @@ from samtriton.sample_image import sample_scene
 from samtriton.serving.pipeline import repository_names, repository_parameters
 
 sys.path.insert(0, str(Path(__file__).parent))
-from latency import RESULTS, machine, serving  # noqa: E402
+from latency import RESULTS, machine, model_stats, serving  # noqa: E402
 
 WIDTH, HEIGHT = 1024, 683
 
@@ -51,16 +50,6 @@ def jpeg(seed: int) -> bytes:
     buf = io.BytesIO()
     scene.save(buf, format="JPEG", quality=92)
     return buf.getvalue()
-
-
-def decoder_stats(url: str, model: str) -> dict[str, float]:
-    client = grpcclient.InferenceServerClient(url)
-    try:
-        s = client.get_inference_statistics(model).model_stats[0]
-    finally:
-        client.close()
-    return {"executions": s.execution_count, "inferences": s.inference_count,
-            "compute_ms": s.inference_stats.compute_infer.ns / 1e6, "successes": s.inference_stats.success.count}
 
 
 def delta(after: dict, before: dict) -> dict:
@@ -81,14 +70,14 @@ def per_click(url: str, decoder: str, clicks: int, new_images: int, rng) -> dict
     with SamClient(url) as client:
         client.segment(jpeg(999), points=[click_at(rng)])  # warm-up: one-off costs of first calls
         client.encode(cached_image)
-        before = decoder_stats(url, decoder)
+        before = model_stats(url, decoder)
         cached = []
         for _ in range(clicks):
             started = time.perf_counter()
             client.segment(cached_image, points=[click_at(rng)])
             cached.append((time.perf_counter() - started) * 1000)
         time.sleep(0.2)  # Triton records the last request's statistics just after answering
-        dec = delta(decoder_stats(url, decoder), before)
+        dec = delta(model_stats(url, decoder), before)
         new = []
         for seed in range(new_images):
             image = jpeg(2000 + seed)
@@ -144,12 +133,12 @@ def concurrent(url: str, decoder: str, kind: str, users: int, clicks_each: int) 
     with SamClient(url) as client:
         for image in images:
             client.encode(image)
-    before = decoder_stats(url, decoder)
+    before = model_stats(url, decoder)
     started = time.perf_counter()
     latencies = asyncio.run(clickers(url, images, kind, users, clicks_each, seed=7))
     seconds = time.perf_counter() - started
     time.sleep(0.2)
-    dec = delta(decoder_stats(url, decoder), before)
+    dec = delta(model_stats(url, decoder), before)
     return {"requests": len(latencies), "throughput_rps": len(latencies) / seconds,
             "p50_ms": percentile(latencies, 50), "p95_ms": percentile(latencies, 95),
             "decoder_executions": dec["executions"], "decoder_inferences": dec["inferences"]}

@@ -50,6 +50,20 @@ def median_ms(fn, runs: int) -> float:
     return statistics.median(times)
 
 
+def model_stats(url: str, model: str) -> dict[str, float]:
+    """A model's cumulative Triton statistics (gRPC at `url`): counts and compute time."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        s = client.get_inference_statistics(model).model_stats[0]
+    finally:
+        client.close()
+    return {"executions": s.execution_count, "inferences": s.inference_count,
+            "cache_hits": s.inference_stats.cache_hit.count, "cache_misses": s.inference_stats.cache_miss.count,
+            "compute_ms": s.inference_stats.compute_infer.ns / 1e6}
+
+
 @contextmanager
 def serving(repo: Path):
     """A tritonserver on `repo` on free ports for the duration; yields its gRPC URL."""

@@ -332,14 +332,14 @@ def _click_session(client, image_path, boxes: np.ndarray) -> list[tuple[str, obj
     house, door = boxes[1], boxes[2]
     inside = [float(house[0] + 0.2 * (house[2] - house[0])), float((house[1] + house[3]) / 2)]
     on_door = [float((door[0] + door[2]) / 2), float((door[1] + door[3]) / 2)]
-    clicks = [
-        ("click 1: one foreground point, 3 candidates", dict(points=[inside], multimask=True)),
-        ("click 2: + a background point on the door", dict(points=[inside, on_door], point_labels=[1, 0])),
-        ("click 3: the same, refining click 2's mask", dict(points=[inside, on_door], point_labels=[1, 0])),
+    clicks = [  # (what, prompt, refine the previous answer)
+        ("click 1: one foreground point, 3 candidates", dict(points=[inside], multimask=True), False),
+        ("click 2: + a background point on the door", dict(points=[inside, on_door], point_labels=[1, 0]), False),
+        ("click 3: the same, refining click 2's mask", dict(points=[inside, on_door], point_labels=[1, 0]), True),
     ]
     previous = None
-    for label, prompt in clicks:
-        if previous is not None and label.startswith("click 3"):
+    for label, prompt, refine in clicks:
+        if refine:
             prompt["mask_input"] = previous.low_res_logits[:, 0]
         started = time.perf_counter()
         previous = client.decode(encoded, **prompt, return_low_res_logits=True).best()

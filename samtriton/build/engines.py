@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from samtriton import spec
+from samtriton.serving import decoder_batch
 from samtriton.serving.postprocessing import mask_ious
 
 # --- optimisation profiles ----------------------------------------------------
@@ -135,8 +136,6 @@ class GateReport:
 def gate_inputs(tokens: int, images: np.ndarray | None = None, seed: int = 0):
     """The fixed set: every prompt kind (boxes, points, box + points, mask inputs)
     on two images, laid out as Triton's TensorRT backend feeds the decoder."""
-    from samtriton.serving import decoder_batch
-
     return decoder_batch.ragged_feeds(decoder_batch.sample_requests(np.random.default_rng(seed), images), tokens)
 
 

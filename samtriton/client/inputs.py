@@ -95,7 +95,7 @@ def _per_prompt_points(points) -> list[np.ndarray]:
         array = np.asarray(points, dtype=np.float32)
     except (TypeError, ValueError):
         array = None  # ragged: one entry per prompt
-    if array is not None and array.dtype == np.float32 and array.ndim in (1, 2, 3):
+    if array is not None and array.ndim in (1, 2, 3):
         if array.ndim == 1:
             array = array[np.newaxis, np.newaxis]
         elif array.ndim == 2:
@@ -203,11 +203,12 @@ def group_prompts(prompts) -> list[tuple[list[int], WirePrompts]]:
     out = []
     for (has_box, has_points, has_mask), members in groups.items():
         chosen = [prompts[i] for i in members]
+        points = [np.asarray(p.points, np.float32).reshape(-1, 2) for p in chosen] if has_points else None
+        labels = None
+        if has_points:  # per prompt: its own labels, or all foreground
+            labels = [np.ones(len(xy), np.int32) if p.labels is None else np.asarray(p.labels, np.int32).reshape(-1)
+                      for p, xy in zip(chosen, points)]
         out.append((members, wire_prompts(
-            boxes=[p.box for p in chosen] if has_box else None,
-            points=[np.asarray(p.points, np.float32).reshape(-1, 2) for p in chosen] if has_points else None,
-            point_labels=([np.ones(len(np.asarray(p.points).reshape(-1, 2)), np.int32) if p.labels is None
-                           else np.asarray(p.labels, np.int32).reshape(-1) for p in chosen] if has_points else None),
-            mask_input=[p.mask_input for p in chosen] if has_mask else None,
-        )))
+            boxes=[p.box for p in chosen] if has_box else None, points=points, point_labels=labels,
+            mask_input=[p.mask_input for p in chosen] if has_mask else None)))
     return out

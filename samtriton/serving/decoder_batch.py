@@ -44,10 +44,6 @@ class DecoderRequest:
     def prompts(self) -> int:
         return int(self.labels.shape[1])
 
-    @property
-    def uses_masks(self) -> bool:
-        return bool(self.has_mask_input.any())
-
     @classmethod
     def of(cls, embeddings: np.ndarray, prompts) -> "DecoderRequest":
         """One image's embedding (1, 256, 64, 64) and its `samtriton.serving.prompts.Prompts`."""

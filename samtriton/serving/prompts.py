@@ -70,13 +70,17 @@ class Prompts:
     mask_inputs: np.ndarray  # (M, 256, 256) float32: M = N, or a zero placeholder (M = 1)
     has_mask_input: np.ndarray  # (N,) float32, 1.0 or 0.0
 
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
 
 def _dtype_check(array: np.ndarray, field: str, dtype, wire: str) -> None:
     if array.dtype != dtype:
         raise InvalidInput(field, f"expected {wire}, got {array.dtype}")
+
+
+def _check_prompt_count(n: int, field: str, one: str, many: str, limits: Limits) -> None:
+    if n == 0:
+        raise InvalidInput(field, f"at least one {one} is required")
+    if n > limits.max_boxes:
+        raise InvalidInput(field, f"{n} {many} exceeds the limit of {limits.max_boxes} per request")
 
 
 def validate_boxes(boxes, geometry: Geometry, limits: Limits = Limits()) -> np.ndarray:
@@ -85,11 +89,7 @@ def validate_boxes(boxes, geometry: Geometry, limits: Limits = Limits()) -> np.n
     _dtype_check(boxes, "boxes", np.float32, "FP32")
     if boxes.ndim != 2 or boxes.shape[1] != 4:
         raise InvalidInput("boxes", f"expected shape [N, 4] (x0, y0, x1, y1), got {list(boxes.shape)}")
-    n = boxes.shape[0]
-    if n == 0:
-        raise InvalidInput("boxes", "at least one box is required")
-    if n > limits.max_boxes:
-        raise InvalidInput("boxes", f"{n} boxes exceeds the limit of {limits.max_boxes} per request")
+    _check_prompt_count(boxes.shape[0], "boxes", "box", "boxes", limits)
     bad = ~np.isfinite(boxes).all(axis=1)
     if bad.any():
         raise InvalidInput("boxes", f"box {int(np.argmax(bad))} has a NaN or infinite coordinate")
@@ -125,10 +125,7 @@ def validate_points(points, labels, geometry: Geometry, limits: Limits = Limits(
     n, p = points.shape[:2]
     if labels.shape != (n, p):
         raise InvalidInput("point_labels", f"expected shape [N, P] = {[n, p]} to match points, got {list(labels.shape)}")
-    if n == 0:
-        raise InvalidInput("points", "at least one prompt is required")
-    if n > limits.max_boxes:
-        raise InvalidInput("points", f"{n} prompts exceeds the limit of {limits.max_boxes} per request")
+    _check_prompt_count(n, "points", "prompt", "prompts", limits)
     if p == 0:
         raise InvalidInput("points", "expected at least one point per prompt (P >= 1)")
     if p > limits.max_points:
