@@ -12,8 +12,11 @@ unexpected error, or when the p95 of the good requests exceeds --p95-bound-ms.
 
 from __future__ import annotations
 
+import atexit
 import io
 import itertools
+import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -118,6 +121,21 @@ class SamGrpcUser(User):
         else:
             self._call(f"{BAD_PREFIX} FP64 boxes", _inputs(CACHED_IMAGES[0], _boxes(self.rng, 1).astype(np.float64),
                                                             "FP64"), True)
+
+
+@events.quit.add_listener
+def _exit_before_teardown(exit_code, **_kwargs):
+    """Leave with locust's exit code once it has written its reports, skipping
+    the interpreter's teardown: there, grpc channels that the garbage collector
+    closes under gevent can block forever (seen here: the summary printed, then
+    the process hung).  Registered last, so it runs first of the exit handlers."""
+    def leave():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
+
+    atexit.register(leave)
 
 
 @events.quitting.add_listener
