@@ -93,6 +93,7 @@ bench: repository
 	$(VENV)/bin/python perf/serving_overhead.py --model-repository $(REPO_DIR)
 	$(VENV)/bin/python perf/breakdown.py --model-repository $(REPO_DIR)
 	$(VENV)/bin/python perf/clicks.py --model-repository $(REPO_DIR)
+	$(VENV)/bin/python perf/everything.py --model-repository $(REPO_DIR)
 
 # perf_analyzer over gRPC and HTTP, concurrency 1..32 and request rates.
 perf-sweep: repository

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from samtriton import spec
+
 
 def _parse_box(text: str) -> list[float]:
     parts = text.split(",")
@@ -88,6 +90,9 @@ def serving_options(args):
         decoder_max_queue_size=args.decoder_max_queue_size,
         queue_timeout_s=args.queue_timeout_s,
         intra_op_threads=args.intra_op_threads,
+        everything_instances=args.everything_instances,
+        everything_decoder_prompts=args.everything_decoder_prompts,
+        everything_decoder_window=args.everything_decoder_window,
         limits=Limits(max_image_bytes=args.max_image_bytes, max_pixels=args.max_pixels, max_boxes=args.max_boxes,
                       max_points=args.max_points),
     )
@@ -322,6 +327,44 @@ def cmd_segment(args) -> int:
     return 0
 
 
+def cmd_everything(args) -> int:
+    from samtriton.client import SamClient, SamTritonError
+    from samtriton.client.overlay import draw_overlay
+    from samtriton.serving.automatic_masks import GeneratorParameters
+    from samtriton.variants import UnknownModelError, get_variant
+
+    params = {name: getattr(args, name) for name in GeneratorParameters.names() if getattr(args, name) is not None}
+    model_name = args.model_name
+    try:
+        if args.model:
+            model_name = spec.model_names(get_variant(args.model).slug).everything
+    except UnknownModelError as e:
+        print(f"samtriton everything: {e}", file=sys.stderr)
+        return 2
+    try:
+        with SamClient(args.url, protocol=args.protocol, everything_model_name=model_name,
+                       timeout_s=args.timeout_s) as client:
+            started = time.perf_counter()
+            result = client.segment_everything(args.image, args.box or None, **params)
+            elapsed = time.perf_counter() - started
+    except (SamTritonError, OSError) as e:
+        print(f"samtriton everything: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    for i, record in enumerate(result.annotations()[:20]):
+        print(f"mask {i}: predicted_iou={record['predicted_iou']:.4f} stability={record['stability_score']:.4f} "
+              f"area={record['area']} bbox={record['bbox']}")
+    if len(result) > 20:
+        print(f"... {len(result) - 20} more")
+    print(f"{len(result)} masks in {elapsed:.1f} s", file=sys.stderr)
+    if args.overlay:
+        draw_overlay(args.image, result.masks, None).save(args.overlay)
+        print(f"wrote {args.overlay}", file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"image": str(args.image), "masks": result.annotations()}))
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
 def _click_session(client, image_path, boxes: np.ndarray) -> list[tuple[str, object, float]]:
     """What an annotator does: encode once, then click, click, click, each click
     a decoder-only request on the cached image, the last one refining the
@@ -378,6 +421,10 @@ def cmd_demo(args) -> int:
                 result = client.segment(image_path, boxes)
                 elapsed = time.perf_counter() - started
                 steps = _click_session(client, clicks_image, boxes)
+                everything_params = _demo_everything_params(Path(args.model_repository))
+                started = time.perf_counter()
+                everything = client.segment_everything(image_path, **everything_params)
+                everything_s = time.perf_counter() - started
         except Exception:
             log.seek(0)
             sys.stderr.write(log.read().decode(errors="replace")[-4000:])
@@ -393,8 +440,23 @@ def cmd_demo(args) -> int:
         print(f"  {label:<45} {seconds * 1000:7.0f} ms{score}")
     last = steps[-1][1]
     draw_overlay(image_path, last.masks, None, points=last.points, point_labels=last.point_labels).save(clicks_out)
-    print(f"wrote {image_path}, {out} and {clicks_out}")
+    everything_out = out.with_name(out.stem + "_everything" + out.suffix)
+    draw_overlay(image_path, everything.masks, None).save(everything_out)
+    print(f"segment everything ({', '.join(f'{k}={v}' for k, v in everything_params.items())}): "
+          f"{len(everything)} masks in {everything_s:.1f} s")
+    print(f"wrote {image_path}, {out}, {clicks_out} and {everything_out}")
     return 0
+
+
+def _demo_everything_params(repo: Path) -> dict:
+    """An 8 x 8 grid; upstream's thresholds, lowered to 0 for random weights (whose predicted
+    IoUs are ~0.1 and logits flat: upstream's thresholds would keep no mask)."""
+    from samtriton.serving.pipeline import repository_parameters
+
+    params = {"points_per_side": 8}
+    if repository_parameters(repo, spec.EVERYTHING).get("random_weights") == "true":
+        params.update(pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    return params
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -448,6 +510,14 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{gpu.decoder_max_queue_size} (gpu)")
     p.add_argument("--intra-op-threads", type=int, default=defaults.intra_op_threads,
                    help="ONNX Runtime threads per model instance (0: all cores)")
+    p.add_argument("--everything-instances", type=int,
+                   help=f"sam_everything requests served at once per model; default {defaults.everything_instances}")
+    p.add_argument("--everything-decoder-prompts", type=int,
+                   help="prompts per decoder request of sam_everything (smaller: other clients wait less behind "
+                        f"it); default {defaults.everything_decoder_prompts}")
+    p.add_argument("--everything-decoder-window", type=int,
+                   help="decoder requests sam_everything keeps in flight (2 overlaps its filtering with the "
+                        f"decoder, 1 keeps the decoder's queue short); default {defaults.everything_decoder_window}")
     p.add_argument("--max-image-bytes", type=int, default=defaults.limits.max_image_bytes)
     p.add_argument("--max-pixels", type=int, default=defaults.limits.max_pixels)
     p.add_argument("--max-boxes", type=int, default=defaults.limits.max_boxes,
@@ -501,6 +571,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlay", help="write a PNG with the masks and boxes drawn over the image")
     p.add_argument("--json", help="write the masks (COCO RLE), scores and boxes as JSON")
     p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser(
+        "everything", help="segment everything in an image (automatic mask generation) on a running server",
+        description="Upstream's automatic mask generator, served by `sam_everything`: a grid of point prompts "
+                    "(or --box prompts, e.g. from a detector), filtered by predicted IoU, stability and NMS.  "
+                    "Unset options take upstream's defaults.",
+        epilog="examples:\n  samtriton everything photo.jpg --overlay out.png --json out.json\n"
+               "  samtriton everything photo.jpg --points-per-side 16 --crop-n-layers 1\n"
+               "  samtriton everything photo.jpg --box 10,20,200,240 --box 300,40,520,400",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("image", help="JPEG, PNG or WebP file")
+    from samtriton.serving.automatic_masks import GeneratorParameters
+
+    for name, default in GeneratorParameters().__dict__.items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=type(default), default=None,
+                       help=f"default {default:g}")
+    p.add_argument("--box", action="append", type=_parse_box, metavar="x0,y0,x1,y1",
+                   help="box prompts instead of the point grid (repeat), e.g. a detector's")
+    p.add_argument("--url", default=None, help="server address (default localhost:8001 for gRPC, :8000 for HTTP)")
+    p.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    p.add_argument("--timeout-s", type=float, default=600.0, help="give up (and cancel, over gRPC) after this")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--model", help="model variant, e.g. efficientvit-sam-l0 (default: the repository's default)")
+    which.add_argument("--model-name", default=spec.EVERYTHING, help="Triton model name, e.g. sam_everything_mobilesam")
+    p.add_argument("--overlay", help="write a PNG with the masks drawn over the image")
+    p.add_argument("--json", help="write the masks as upstream's records (COCO RLE segmentation, bbox, ...)")
+    p.set_defaults(func=cmd_everything)
 
     p = sub.add_parser("demo", help="serve in the background, segment a sample scene, write an overlay")
     p.add_argument("--model-repository", required=True)

@@ -177,6 +177,7 @@ def in_flight_from_metrics(text: str) -> tuple[int, tuple[int, ...]]:
     an encoder or decoder (Triton's failures, e.g. queue-full rejections, and
     the python models' error responses).  A request still inside the
     preprocess is not counted; callers watch the counters over a short interval.
+    `sam_everything` requests are counted by that model's own gauge.
     """
     totals: dict[tuple[str, str], float] = {}
     for line in text.splitlines():
@@ -200,7 +201,9 @@ def in_flight_from_metrics(text: str) -> tuple[int, tuple[int, ...]]:
         + count(ok, spec.ENCODE_ENSEMBLE)
         + sum(count(failed, role) + count(errors, role) for role in (spec.IMAGE_ENCODER, spec.MASK_DECODER))
     )
-    return max(0, entered - finished), (entered, finished, count(ok, spec.ENSEMBLE), count(failed, spec.ENSEMBLE))
+    everything = count(spec.EVERYTHING_IN_FLIGHT_METRIC, spec.EVERYTHING)
+    return max(0, entered - finished) + everything, (entered, finished, count(ok, spec.ENSEMBLE),
+                                                     count(failed, spec.ENSEMBLE), everything)
 
 
 def ensemble_in_flight(metrics_port: int, host: str = "127.0.0.1") -> tuple[int, tuple[int, ...]]:

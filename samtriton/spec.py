@@ -24,7 +24,10 @@ PREPROCESS = "preprocess"
 IMAGE_ENCODER = "image_encoder"
 MASK_DECODER = "mask_decoder"
 POSTPROCESS = "postprocess"
-ROLES = (ENSEMBLE, ENCODE_ENSEMBLE, PREPROCESS, IMAGE_ENCODER, MASK_DECODER, POSTPROCESS)
+# Segment everything: a python model that drives the encoder and the decoder
+# through Triton's BLS API (a grid of point prompts, filtered as upstream).
+EVERYTHING = "sam_everything"
+ROLES = (ENSEMBLE, ENCODE_ENSEMBLE, PREPROCESS, IMAGE_ENCODER, MASK_DECODER, POSTPROCESS, EVERYTHING)
 
 
 @dataclass(frozen=True)
@@ -37,9 +40,10 @@ class ModelNames:
     image_encoder: str
     mask_decoder: str
     postprocess: str
+    everything: str
 
     def of(self, role: str) -> str:
-        field = {ENSEMBLE: "ensemble", ENCODE_ENSEMBLE: "encode_ensemble"}.get(role, role)
+        field = {ENSEMBLE: "ensemble", ENCODE_ENSEMBLE: "encode_ensemble", EVERYTHING: "everything"}.get(role, role)
         return getattr(self, field)
 
 
@@ -51,20 +55,23 @@ def model_names(slug: str) -> ModelNames:
         image_encoder=f"{slug}_{IMAGE_ENCODER}",
         mask_decoder=f"{slug}_{MASK_DECODER}",
         postprocess=POSTPROCESS,
+        everything=f"{EVERYTHING}_{slug}",
     )
 
 
 def default_names(slug: str) -> ModelNames:
-    """The aliases: `sam` / `sam_encode` over the default variant's steps."""
+    """The aliases: `sam` / `sam_encode` / `sam_everything` over the default variant's steps."""
     names = model_names(slug)
     return ModelNames(ENSEMBLE, ENCODE_ENSEMBLE, names.preprocess, names.image_encoder, names.mask_decoder,
-                      POSTPROCESS)
+                      POSTPROCESS, EVERYTHING)
 
 
 def role_of(model_name: str) -> str | None:
     """The role of a model name written by `samtriton build` (None if none)."""
     if model_name == ENCODE_ENSEMBLE or model_name.startswith(ENCODE_ENSEMBLE + "_"):
         return ENCODE_ENSEMBLE
+    if model_name == EVERYTHING or model_name.startswith(EVERYTHING + "_"):
+        return EVERYTHING
     if model_name == POSTPROCESS:
         return POSTPROCESS
     for role in (PREPROCESS, IMAGE_ENCODER, MASK_DECODER):
@@ -117,6 +124,18 @@ MASKS_RLE = TensorSpec("masks_rle", "TYPE_STRING", (-1,))
 MASKS = TensorSpec("masks", "TYPE_UINT8", (-1, -1, -1))
 LOW_RES_LOGITS = TensorSpec("low_res_logits", "TYPE_FP32",
                             (-1, -1, LOW_RES_MASK_SIZE, LOW_RES_MASK_SIZE))  # [N, K, 256, 256], K = 1 or 3
+
+# `sam_everything`: the image (and optionally a detector's boxes as prompts,
+# instead of the point grid); the generator's knobs are request parameters
+# (`samtriton.serving.automatic_masks.GeneratorParameters`).  One row per mask,
+# in the order upstream's generator returns them.
+STABILITY_SCORES = TensorSpec("stability_scores", "TYPE_FP32", (-1,))
+BBOXES = TensorSpec("bboxes", "TYPE_INT32", (-1, 4))  # XYWH of the mask's pixels, as upstream
+AREAS = TensorSpec("areas", "TYPE_INT32", (-1,))  # pixels
+POINT_COORDS = TensorSpec("point_coords", "TYPE_FP32", (-1, 2))  # the grid point; NaN for a box prompt
+PROMPT_BOXES = TensorSpec("prompt_boxes", "TYPE_FP32", (-1, 4))  # the box prompt (xyxy); NaN for a grid point
+CROP_BOXES = TensorSpec("crop_boxes", "TYPE_INT32", (-1, 4))  # XYWH of the crop the mask came from
+EVERYTHING_OUTPUTS = (MASKS_RLE, SCORES, STABILITY_SCORES, BBOXES, AREAS, POINT_COORDS, PROMPT_BOXES, CROP_BOXES)
 
 # `point_labels` on the wire: SAM's 1 (foreground) and 0 (background), and -1
 # for the padding of prompts with fewer points than the longest one.
@@ -201,6 +220,13 @@ def gpu_prompt_tokens(max_points: int) -> int:
 # error responses they sent.  Triton 2.51 counts those as successes in its own
 # statistics, so the shutdown drain needs this to know which requests ended.
 REQUEST_ERRORS_METRIC = "samtriton_request_errors_total"
+# Counter of `sam_everything` (labels `model`, `stage`): seconds spent per
+# stage (image, encoder, decoder, filtering), where Triton's statistics cannot
+# tell them apart: the encoder and decoder waits include their queues.
+EVERYTHING_SECONDS_METRIC = "samtriton_everything_seconds_total"
+# Gauge of `sam_everything` (labels `model`, `instance`): requests being served,
+# which the shutdown drain waits for (they pass no preprocess).
+EVERYTHING_IN_FLIGHT_METRIC = "samtriton_everything_in_flight"
 # Environment variable naming a file whose existence tells the preprocess
 # that the server is draining: new requests are refused with UNAVAILABLE.
 DRAIN_FILE_ENV = "SAMTRITON_DRAIN_FILE"
@@ -261,6 +287,7 @@ def model_io(encoder_size: int) -> dict[str, ModelIO]:
             inputs=(LOW_RES_MASKS, IOU_PREDICTIONS, IMAGE_GEOMETRY),
             outputs=ENSEMBLE_OUTPUTS,
         ),
+        EVERYTHING: ModelIO(inputs=(IMAGE, BOXES), outputs=EVERYTHING_OUTPUTS),
     }
 
 

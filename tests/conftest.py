@@ -107,19 +107,33 @@ class UpstreamPredictor:
             sam = sam_model_registry["vit_t"](checkpoint=str(checkpoint))
             sam.eval()  # after loading, as upstream's README does: TinyViT caches attention biases on eval()
             self.predictor = SamPredictor(sam)
+            from mobile_sam import SamAutomaticMaskGenerator as generator
         elif model.startswith("efficientvit-sam-"):
             from efficientsam.models.efficientvit.sam import EfficientViTSamPredictor
             from efficientsam.sam_model_zoo import create_efficientvit_sam_model
 
             sam = create_efficientvit_sam_model(model, pretrained=True, weight_url=str(checkpoint)).eval()
             self.predictor = EfficientViTSamPredictor(sam)
+            from efficientsam.models.efficientvit.sam import EfficientViTSamAutomaticMaskGenerator as generator
         elif model == "sam-vit-b":
             from segment_anything import SamPredictor, sam_model_registry
 
-            self.predictor = SamPredictor(sam_model_registry["vit_b"](checkpoint=str(checkpoint)).eval())
+            sam = sam_model_registry["vit_b"](checkpoint=str(checkpoint)).eval()
+            self.predictor = SamPredictor(sam)
+            from segment_anything import SamAutomaticMaskGenerator as generator
         else:
             raise KeyError(model)
+        self.sam, self._generator = sam, generator
         self._image_key = None
+
+    def generate(self, image_bytes: bytes, **params) -> list[dict]:
+        """The variant's own automatic mask generator (its own predictor), COCO RLE output."""
+        import torch
+        from PIL import ImageOps
+
+        rgb = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(image_bytes))).convert("RGB"))
+        with torch.no_grad():
+            return self._generator(self.sam, output_mode="coco_rle", **params).generate(rgb)
 
     def _set_image(self, image_bytes: bytes) -> tuple[int, int]:
         from PIL import ImageOps

@@ -35,14 +35,16 @@ def test_build_with_random_weights_says_so_loudly(tmp_path):
     assert proc.stdout.count("RANDOM WEIGHTS") >= 2  # before and after the build output
     text = (out / "mobilesam_image_encoder" / "config.pbtxt").read_text()
     assert "RANDOM WEIGHTS (seed 3)" in text and 'string_value: "true"' in text
-    for name in ("mobilesam_preprocess", "mobilesam_image_encoder", "mobilesam_mask_decoder", "postprocess"):
+    for name in ("mobilesam_preprocess", "mobilesam_image_encoder", "mobilesam_mask_decoder", "postprocess",
+                 "sam_everything", "sam_everything_mobilesam"):
         assert (out / name / "1" / "model.py").exists()
     assert (out / "mobilesam_image_encoder" / "1" / "model.onnx").stat().st_size > 1_000_000
     for ensemble in ("sam", "sam_encode", "sam_mobilesam", "sam_encode_mobilesam"):
         assert [p.name for p in (out / ensemble / "1").iterdir()] == [".gitkeep"]
     assert sorted(p.name for p in out.iterdir()) == sorted([
         "sam", "sam_encode", "sam_mobilesam", "sam_encode_mobilesam", "mobilesam_preprocess",
-        "mobilesam_image_encoder", "mobilesam_mask_decoder", "postprocess"])
+        "mobilesam_image_encoder", "mobilesam_mask_decoder", "postprocess", "sam_everything",
+        "sam_everything_mobilesam"])
 
 
 def test_build_rejects_unknown_model_and_bad_checkpoint(tmp_path):
@@ -155,6 +157,27 @@ def test_segment_with_clicks_multimask_and_refinement(triton_server, tmp_path):
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 
 
+def test_everything_command_writes_upstream_records(triton_server, tmp_path):
+    scene, _ = sample_scene(320, 240, seed=8)
+    image = tmp_path / "scene.png"
+    scene.save(image)
+    out_json, overlay = tmp_path / "everything.json", tmp_path / "everything.png"
+    proc = _run(["everything", str(image), "--points-per-side", "3", "--pred-iou-thresh", "0",
+                 "--stability-score-thresh", "0", "--box-nms-thresh", "1", "--url", triton_server.grpc_url,
+                 "--json", str(out_json), "--overlay", str(overlay)])
+    assert proc.returncode == 0, proc.stderr
+    records = json.loads(out_json.read_text())["masks"]
+    assert len(records) == 27 == proc.stdout.count("mask ") + 7  # 20 printed, "... 7 more"
+    assert set(records[0]) >= {"segmentation", "area", "bbox", "predicted_iou", "point_coords", "stability_score",
+                               "crop_box"}
+    assert Image.open(overlay).size == (320, 240)
+    help_text = _run(["everything", "--help"]).stdout
+    for flag in ("--points-per-side", "--pred-iou-thresh", "--crop-n-layers", "--min-mask-region-area", "--box"):
+        assert flag in help_text
+    proc = _run(["everything", str(image), "--points-per-side", "0", "--url", triton_server.grpc_url])
+    assert proc.returncode == 1 and "parameters.points_per_side" in proc.stderr, proc.stderr
+
+
 def test_segment_reports_unreachable_server(tmp_path):
     scene, boxes = sample_scene(64, 48)
     scene.save(tmp_path / "s.png")
@@ -252,5 +275,7 @@ def test_demo_segments_boxes_then_runs_a_click_session(built_repository, tmp_pat
     assert proc.stdout.count("\nmask ") + proc.stdout.startswith("mask ") == 6
     clicks = [line for line in proc.stdout.splitlines() if line.startswith(("  encode", "  click"))]
     assert len(clicks) == 4 and all(line.rstrip().split()[-1].startswith("area=") for line in clicks[1:])
-    for name in ("demo_overlay.png", "demo_overlay_clicks.png", "demo_input.jpg", "demo_input.png"):
+    assert "segment everything (points_per_side=8): 0 masks" in proc.stdout  # upstream's thresholds
+    for name in ("demo_overlay.png", "demo_overlay_clicks.png", "demo_overlay_everything.png", "demo_input.jpg",
+                 "demo_input.png"):
         assert Image.open(tmp_path / name).size == (800, 533)

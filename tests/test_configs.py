@@ -202,3 +202,25 @@ def test_backpressure_settings_reach_the_batched_models():
     unbounded = model_configs([VARIANT], {VARIANT.name: TEMPLATE_WEIGHTS},
                               ServingOptions(encoder_max_queue_size=0, queue_timeout_s=0))
     assert not unbounded[NAMES.image_encoder].dynamic_batching.HasField("default_queue_policy")
+
+
+def test_everything_models_drive_their_own_variant():
+    """`sam_everything_<slug>` per variant and `sam_everything` for the default: python models on
+    the CPU that name the encoder and decoder they call and carry the variant's preprocessing."""
+    cfgs = _zoo(default="efficientvit-sam-l0")
+    for v in ALL_VARIANTS:
+        names = spec.model_names(v.slug)
+        cfg = cfgs[names.everything]
+        assert spec.role_of(cfg.name) == spec.EVERYTHING
+        assert cfg.backend == "python" and cfg.max_batch_size == 0
+        assert cfg.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+        params = {k: p.string_value for k, p in cfg.parameters.items()}
+        assert (params["image_encoder"], params["mask_decoder"]) == (names.image_encoder, names.mask_decoder)
+        assert params["encoder_size"] == str(v.encoder_size) and params["samtriton_model"] == v.name
+        assert [t.name for t in cfg.output] == [t.name for t in spec.EVERYTHING_OUTPUTS]
+    alias = {k: p.string_value for k, p in cfgs[spec.EVERYTHING].parameters.items()}
+    assert alias["image_encoder"] == spec.model_names("efficientvit_l0").image_encoder
+    gpu = model_configs([VARIANT], {VARIANT.name: TEMPLATE_WEIGHTS}, ServingOptions.for_target("gpu"))
+    params = gpu[spec.EVERYTHING].parameters
+    # The GPU decoder engine takes one token count: the everything model pads its prompts to it.
+    assert params["pad_prompt_tokens"].string_value == str(spec.gpu_prompt_tokens(32))

@@ -153,6 +153,11 @@ def test_shutdown_drain_counts_requests_in_the_ensembles():
         + "\nnv_cpu_utilization 0.5\nnv_gpu_utilization{gpu_uuid=\"x\"} 0")
     assert two == 2
     assert in_flight_from_metrics("")[0] == 0
+    # sam_everything requests pass no preprocess: its per-instance gauges count them.
+    gauges = "\n".join(f'samtriton_everything_in_flight{{instance="{m}_{i}",model="{m}"}} {n}'
+                       for m, i, n in (("sam_everything", 0, 1), ("sam_everything", 1, 0),
+                                       ("sam_everything_vit_b", 0, 1)))
+    assert in_flight_from_metrics(metrics(mobilesam_preprocess__ok=2, postprocess__ok=1) + "\n" + gauges)[0] == 3
 
 
 def test_decode_names_pil_decompression_bomb():

@@ -51,6 +51,14 @@ class ServingOptions:
     queue_timeout_s: float = 60.0
     preprocess_instances: int = 2
     postprocess_instances: int = 2
+    # sam_everything: concurrent requests per model, the prompts per decoder
+    # request it sends and how many it keeps in flight.  Small decoder
+    # requests, one at a time, keep other clients' requests from queueing
+    # behind a long one (Triton's batcher is first-come first-served and a BLS
+    # request has no priority); results do not depend on the split.
+    everything_instances: int = 2
+    everything_decoder_prompts: int = 8
+    everything_decoder_window: int = 1
     # 0 lets ONNX Runtime use every core; set it when several instances share a host.
     intra_op_threads: int = 0
     limits: Limits = field(default_factory=Limits)
@@ -171,6 +179,21 @@ def _tensorrt_decoder(names, variant, weights, io, options: ServingOptions) -> m
     return dec
 
 
+def _everything(name: str, names: spec.ModelNames, variant: ModelVariant, weights: WeightsInfo,
+                options: ServingOptions) -> mc.ModelConfig:
+    """The BLS model behind segment-everything: it calls this variant's encoder and decoder itself."""
+    io = spec.model_io(variant.encoder_size)
+    cfg = _python_model(name, variant, weights, io[spec.EVERYTHING], options.everything_instances)
+    pad_tokens = spec.gpu_prompt_tokens(options.limits.max_points) if options.target == "gpu" else 0
+    settings = PreprocessSettings.for_variant(variant, options.limits, pad_tokens).to_parameters()
+    settings.update(image_encoder=names.image_encoder, mask_decoder=names.mask_decoder,
+                    decoder_request_prompts=str(options.everything_decoder_prompts),
+                    decoder_window=str(options.everything_decoder_window))
+    for key, value in settings.items():
+        cfg.parameters[key].string_value = value
+    return cfg
+
+
 def _ensemble(name: str, role: str, names: spec.ModelNames, variant: ModelVariant, weights: WeightsInfo):
     io = spec.model_io(variant.encoder_size)
     ens = _base(name, variant, weights)
@@ -226,7 +249,7 @@ def variant_configs(variant: ModelVariant, weights: WeightsInfo, options: Servin
 
     ensembles = [_ensemble(names.of(role), role, names, variant, weights)
                  for role in (spec.ENSEMBLE, spec.ENCODE_ENSEMBLE)]
-    return [*ensembles, pre, enc, dec]
+    return [*ensembles, pre, enc, dec, _everything(names.everything, names, variant, weights, options)]
 
 
 def model_configs(
@@ -238,7 +261,9 @@ def model_configs(
     """Every config of a repository holding `variants` (weights keyed by variant name).
 
     `default` (the first variant if None) also answers as `sam` / `sam_encode`:
-    two more ensembles over the same step models, so the alias costs no memory.
+    two more ensembles over the same step models, so the alias costs no memory;
+    and as `sam_everything`, a python model of its own (Triton does not pass a
+    client's cancellation into a running ensemble step).
     """
     if not variants:
         raise ValueError("at least one model variant is required")
@@ -253,6 +278,7 @@ def model_configs(
     aliases = spec.default_names(default_variant.slug)
     for role in (spec.ENSEMBLE, spec.ENCODE_ENSEMBLE):
         configs.append(_ensemble(aliases.of(role), role, aliases, default_variant, weights[default_variant.name]))
+    configs.append(_everything(aliases.everything, aliases, default_variant, weights[default_variant.name], options))
 
     io = spec.model_io(default_variant.encoder_size)
     post = _python_model(spec.POSTPROCESS, None, None, io[spec.POSTPROCESS], options.postprocess_instances)

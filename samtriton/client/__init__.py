@@ -1,4 +1,5 @@
-"""Python SDK for the samtriton `sam` ensemble: boxes, points, box + points, mask refinement, multimask."""
+"""Python SDK for samtriton: `sam` (boxes, points, box + points, mask refinement, multimask) and
+`sam_everything` (automatic mask generation)."""
 
 from samtriton.client.errors import (
     InferenceFailedError,
@@ -11,7 +12,7 @@ from samtriton.client.errors import (
 from samtriton.client.async_client import AsyncSamClient
 from samtriton.client.inputs import Prompt
 from samtriton.client.protocol import EncodedImage
-from samtriton.client.result import SegmentationResult
+from samtriton.client.result import EverythingResult, SegmentationResult
 from samtriton.client.sync_client import SamClient
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "EncodedImage",
     "Prompt",
     "SegmentationResult",
+    "EverythingResult",
     "SamTritonError",
     "InvalidInputError",
     "ServerUnavailableError",

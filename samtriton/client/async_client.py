@@ -11,7 +11,7 @@ from samtriton import spec
 from samtriton.client import protocol as proto
 from samtriton.client.errors import ServerUnavailableError, from_triton
 from samtriton.client.inputs import encode_image
-from samtriton.client.result import SegmentationResult
+from samtriton.client.result import EverythingResult, SegmentationResult
 
 
 class AsyncSamClient(proto.ClientSettings):
@@ -23,8 +23,9 @@ class AsyncSamClient(proto.ClientSettings):
 
     def __init__(self, url: str | None = None, protocol: str = "grpc", model_name: str = spec.ENSEMBLE,
                  encode_model_name: str = spec.ENCODE_ENSEMBLE, timeout_s: float = 300.0, *,
-                 model: str | None = None):
-        super().__init__(url, protocol, model_name, encode_model_name, timeout_s, model=model)
+                 model: str | None = None, everything_model_name: str = spec.EVERYTHING):
+        super().__init__(url, protocol, model_name, encode_model_name, timeout_s, model=model,
+                         everything_model_name=everything_model_name)
         if protocol == "grpc":
             import tritonclient.grpc.aio as aio
 
@@ -78,6 +79,22 @@ class AsyncSamClient(proto.ClientSettings):
         rest = await asyncio.gather(*(one(wire) for _, wire in plan[1:]))
         parts = list(zip([members for members, _ in plan], [first, *rest]))
         return proto.merge_results(parts, multimask, return_low_res_logits)
+
+    async def segment_everything(self, image, boxes=None, **params) -> EverythingResult:
+        """Segment everything in `image` (upstream's automatic mask generator, served).
+
+        `params`: the generator's knobs, with its names and defaults
+        (points_per_side=32, points_per_batch=64, pred_iou_thresh=0.88,
+        stability_score_thresh=0.95, stability_score_offset=1.0,
+        box_nms_thresh=0.7, crop_n_layers=0, crop_nms_thresh=0.7,
+        crop_overlap_ratio=512/1500, crop_n_points_downscale_factor=1,
+        min_mask_region_area=0); an unknown name or a value out of range raises
+        InvalidInputError naming it.  `boxes` (N, 4) xyxy, e.g. a detector's:
+        prompts instead of the point grid (MobileSAMv2's object-aware mode),
+        one mask per box, filtered the same way.
+        """
+        inputs, outputs, parameters = proto.everything_request(self._module, encode_image(image), boxes, params)
+        return proto.everything_response(await self._infer(self.everything_model_name, inputs, outputs, parameters))
 
     async def encode(self, image, return_embeddings: bool = False) -> proto.EncodedImage:
         image_bytes = encode_image(image)

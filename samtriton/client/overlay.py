@@ -34,7 +34,7 @@ def draw_overlay(image, masks: np.ndarray, boxes: np.ndarray | None = None, alph
     """Masks (N, H, W) tinted over the image, each prompt's box outlined and its
     clicks dotted (foreground filled, background hollow), in the mask's colour."""
     base = np.asarray(load_rgb(image), dtype=np.float32)
-    if masks.shape[1:] != base.shape[:2]:
+    if masks.shape[0] and masks.shape[1:] != base.shape[:2]:
         raise ValueError(f"masks are {masks.shape[1:]}, image is {base.shape[:2]}")
     out = base.copy()
     for i, mask in enumerate(masks):

@@ -12,7 +12,7 @@ import numpy as np
 from samtriton import spec
 from samtriton.client.errors import SamTritonError
 from samtriton.client.inputs import WirePrompts, group_prompts, wire_prompts
-from samtriton.client.result import SegmentationResult
+from samtriton.client.result import EverythingResult, SegmentationResult
 from samtriton.serving.request_parameters import MULTIMASK_PARAMETER, OUTPUTS_PARAMETER
 from samtriton.serving.postprocessing import decode_rle
 from samtriton.serving.prompts import Geometry
@@ -43,12 +43,14 @@ class ClientSettings:
 
     def __init__(self, url: str | None = None, protocol: str = "grpc", model_name: str = spec.ENSEMBLE,
                  encode_model_name: str = spec.ENCODE_ENSEMBLE, timeout_s: float = 300.0, *,
-                 model: str | None = None):
+                 model: str | None = None, everything_model_name: str = spec.EVERYTHING):
         if model is not None:
             # A variant name (`samtriton models`) picks its own ensembles; an
             # unknown one raises UnknownModelError listing the valid names.
             variant = get_variant(model)
             model_name, encode_model_name = variant.ensemble, variant.encode_ensemble
+            everything_model_name = spec.model_names(variant.slug).everything
+        self.everything_model_name = everything_model_name
         self.protocol = protocol
         self.model_name = model_name
         self.encode_model_name = encode_model_name
@@ -174,6 +176,36 @@ def merge_results(parts: list[tuple[list[int], SegmentationResult]], multimask: 
         masks=cat([r.masks for r in results]), scores=cat([r.scores for r in results]), boxes=boxes,
         rles=[rles[i] for i in order] if rles else [], points=points, point_labels=labels,
         low_res_logits=cat([r.low_res_logits for r in results]) if low_res_logits else None, multimask=multimask)
+
+
+def everything_request(module, image_bytes: bytes, boxes=None, params: dict | None = None):
+    """Inputs, requested outputs and parameters of one `sam_everything` request."""
+    from samtriton.client.inputs import as_boxes
+
+    inputs = [_image_input(module, image_bytes)]
+    if boxes is not None:
+        inputs.append(_input(module, spec.BOXES, as_boxes(boxes)))
+    outputs = [module.InferRequestedOutput(t.name) for t in spec.EVERYTHING_OUTPUTS]
+    parameters = {}
+    for name, value in (params or {}).items():
+        # gRPC and JSON carry ints, floats and bools; numpy scalars are not theirs.
+        parameters[name] = value.item() if isinstance(value, np.generic) else value
+    return inputs, outputs, parameters
+
+
+def everything_response(response) -> EverythingResult:
+    arrays = {t.name: response.as_numpy(t.name) for t in spec.EVERYTHING_OUTPUTS}
+    missing = [name for name, a in arrays.items() if a is None]
+    if missing:
+        raise SamTritonError(f"response is missing {', '.join(missing)}")
+    return EverythingResult(
+        rles=[bytes(r) for r in arrays[spec.MASKS_RLE.name].reshape(-1)],
+        scores=arrays[spec.SCORES.name], stability_scores=arrays[spec.STABILITY_SCORES.name],
+        bboxes=arrays[spec.BBOXES.name].reshape(-1, 4), areas=arrays[spec.AREAS.name],
+        point_coords=arrays[spec.POINT_COORDS.name].reshape(-1, 2),
+        prompt_boxes=arrays[spec.PROMPT_BOXES.name].reshape(-1, 4),
+        crop_boxes=arrays[spec.CROP_BOXES.name].reshape(-1, 4),
+    )
 
 
 # A box inside any image: its mask is cheap and tells the image size.

@@ -45,3 +45,49 @@ class SegmentationResult:
         logits = None if self.low_res_logits is None else self.low_res_logits[rows, pick][:, np.newaxis]
         return replace(self, masks=self.masks[rows, pick], scores=self.scores[rows, pick], rles=rles,
                        low_res_logits=logits, multimask=False)
+
+
+@dataclass
+class EverythingResult:
+    """What `segment_everything` returns: one row per mask, in the order of the upstream
+    automatic mask generator (see `annotations()` for its record format)."""
+
+    rles: list  # COCO compressed RLE per mask, JSON {"size": [h, w], "counts": str}
+    scores: np.ndarray  # (M,) float32 predicted IoU
+    stability_scores: np.ndarray  # (M,) float32
+    bboxes: np.ndarray  # (M, 4) int32 XYWH of the mask's pixels
+    areas: np.ndarray  # (M,) int32 pixels
+    point_coords: np.ndarray  # (M, 2) float32 the grid point; NaN rows for box prompts
+    prompt_boxes: np.ndarray  # (M, 4) float32 the box prompt, xyxy; NaN rows for grid points
+    crop_boxes: np.ndarray  # (M, 4) int32 XYWH of the crop the mask came from
+
+    def __len__(self) -> int:
+        return len(self.rles)
+
+    @property
+    def masks(self) -> np.ndarray:
+        """(M, H, W) bool, decoded from the RLEs (M = 0: shape (0, 0, 0))."""
+        from samtriton.serving.postprocessing import decode_rle
+
+        return decode_rle(self.rles)
+
+    def annotations(self) -> list[dict]:
+        """Records as `SamAutomaticMaskGenerator(output_mode="coco_rle").generate` returns them,
+        plus `prompt_box` (None for a grid point)."""
+        import json
+
+        records = []
+        for i, rle in enumerate(self.rles):
+            point = self.point_coords[i]
+            box = self.prompt_boxes[i]
+            records.append({
+                "segmentation": json.loads(rle),
+                "area": int(self.areas[i]),
+                "bbox": [int(v) for v in self.bboxes[i]],
+                "predicted_iou": float(self.scores[i]),
+                "point_coords": [] if np.isnan(point).any() else [[float(v) for v in point]],
+                "stability_score": float(self.stability_scores[i]),
+                "crop_box": [int(v) for v in self.crop_boxes[i]],
+                "prompt_box": None if np.isnan(box).any() else [float(v) for v in box],
+            })
+        return records

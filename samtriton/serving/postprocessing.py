@@ -90,8 +90,9 @@ def candidates(low_res: np.ndarray, iou: np.ndarray, multimask: bool) -> tuple[n
     return low_res, iou
 
 
-def masks_from_logits(low_res: np.ndarray, geometry: Geometry, frame_size: int = PROMPT_SIZE) -> np.ndarray:
-    """(N, 256, 256) float32 logits -> (N, H, W) bool masks at the original size."""
+def upscaled_logits(low_res: np.ndarray, geometry: Geometry, frame_size: int = PROMPT_SIZE):
+    """(N, 256, 256) float32 logits -> yields (start, (n, H, W) float32 logits at the original size), a few masks
+    at a time so the temporaries stay bounded."""
     n, low_h, low_w = low_res.shape
     g = geometry
     # Step 1: low-res -> the padded prompt frame, cropped to the resized image.
@@ -102,7 +103,6 @@ def masks_from_logits(low_res: np.ndarray, geometry: Geometry, frame_size: int =
     down_rows = bilinear_taps(g.input_h, g.original_h)
     down_cols = bilinear_taps(g.input_w, g.original_w)
 
-    out = np.empty((n, g.original_h, g.original_w), dtype=bool)
     per_mask = max(g.input_h * g.input_w, g.original_h * g.original_w)
     chunk = max(1, _CHUNK_ELEMENTS // per_mask)
     low_res = low_res.astype(np.float32, copy=False)
@@ -110,7 +110,14 @@ def masks_from_logits(low_res: np.ndarray, geometry: Geometry, frame_size: int =
         part = np.matmul(up_rows, np.matmul(low_res[start : start + chunk], up_cols_t))
         if not same_size:
             part = _resize(part, down_rows, down_cols)
-        np.greater(part, MASK_THRESHOLD, out=out[start : start + chunk])
+        yield start, part
+
+
+def masks_from_logits(low_res: np.ndarray, geometry: Geometry, frame_size: int = PROMPT_SIZE) -> np.ndarray:
+    """(N, 256, 256) float32 logits -> (N, H, W) bool masks at the original size."""
+    out = np.empty((low_res.shape[0], geometry.original_h, geometry.original_w), dtype=bool)
+    for start, part in upscaled_logits(low_res, geometry, frame_size):
+        np.greater(part, MASK_THRESHOLD, out=out[start : start + part.shape[0]])
     return out
 
 
