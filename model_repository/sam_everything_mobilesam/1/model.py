@@ -3,9 +3,10 @@
 It drives this variant's own models through Triton's BLS API: the image (and
 each crop) goes to the `image_encoder`, so Triton's dynamic batching and the
 embedding cache apply (a second request for the same image runs no encoder);
-the prompts go to the `mask_decoder` in small requests, a window of two in
-flight, batched with other clients' requests.  Between decoder requests it
-checks whether the client cancelled (gRPC cancellation or deadline) and stops.
+the prompts go to the `mask_decoder` in small requests (8 prompts, one in
+flight: the model's parameters), batched with other clients' requests.
+Between decoder requests it checks whether the client cancelled (gRPC
+cancellation or deadline) and stops.
 The filtering is numpy (`samtriton.serving.automatic_masks`): no torch here.
 
 Request parameters: the upstream generator's (points_per_side, pred_iou_thresh,
@@ -33,6 +34,7 @@ from samtriton.serving.everything import (
 from samtriton.serving.postprocessing import candidates
 from samtriton.serving.request_parameters import MULTIMASK_PARAMETER
 from samtriton.serving.triton_helpers import ErrorResponses, input_array, model_parameters, optional_array, tensor
+
 
 class StepFailed(RuntimeError):
     """A BLS request to the encoder or decoder came back with an error."""
