@@ -178,10 +178,15 @@ def check_parity(sam: torch.nn.Module, encoder_size: int, encoder_path: Path, de
     pixels = rng.standard_normal((2, 3, encoder_size, encoder_size)).astype(np.float32)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    # Peak memory: without the arena ONNX Runtime returns its activations after
+    # the run, and the session is gone before PyTorch runs the same images one
+    # at a time, so the two encoders' activations (GBs for ViT-B) never coexist.
+    opts.enable_cpu_mem_arena = False
     enc = ort.InferenceSession(str(encoder_path), opts, providers=["CPUExecutionProvider"])
     onnx_emb = enc.run(None, {enc.get_inputs()[0].name: pixels})[0]
+    del enc
     with torch.no_grad():
-        torch_emb = sam.image_encoder(torch.from_numpy(pixels)).numpy()
+        torch_emb = np.concatenate([sam.image_encoder(torch.from_numpy(p[np.newaxis])).numpy() for p in pixels])
 
     requests = decoder_batch.sample_requests(rng, images=torch_emb)
     dec = ort.InferenceSession(str(decoder_path), opts, providers=["CPUExecutionProvider"])
