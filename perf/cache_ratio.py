@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import statistics
 import sys
 import time
@@ -23,21 +22,13 @@ import numpy as np
 
 from samtriton import spec
 from samtriton.client import SamClient
-from samtriton.sample_image import sample_scene
 from samtriton.variants import DEFAULT_MODEL, get_variant
 
 sys.path.insert(0, str(Path(__file__).parent))
-from latency import RESULTS, machine, model_stats, serving  # noqa: E402
+from latency import RESULTS, jpeg, machine, model_stats, serving  # noqa: E402
 
 # The encoder behind `sam`, the ensemble SamClient calls by default.
 ENCODER = spec.default_names(get_variant(DEFAULT_MODEL).slug).image_encoder
-
-
-def jpeg(seed: int) -> bytes:
-    scene, _ = sample_scene(1024, 683, seed=seed)
-    buf = io.BytesIO()
-    scene.save(buf, format="JPEG", quality=92)
-    return buf.getvalue()
 
 
 def timed(fn) -> float:

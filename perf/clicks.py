@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
-import io
 import statistics
 import sys
 import time
@@ -36,25 +35,10 @@ import numpy as np
 
 from samtriton import spec
 from samtriton.client import AsyncSamClient, SamClient
-from samtriton.sample_image import sample_scene
 from samtriton.serving.pipeline import repository_names, repository_parameters
 
 sys.path.insert(0, str(Path(__file__).parent))
-from latency import RESULTS, machine, model_stats, serving  # noqa: E402
-
-WIDTH, HEIGHT = 1024, 683
-
-
-def jpeg(seed: int) -> bytes:
-    scene, _ = sample_scene(WIDTH, HEIGHT, seed=seed)
-    buf = io.BytesIO()
-    scene.save(buf, format="JPEG", quality=92)
-    return buf.getvalue()
-
-
-def delta(after: dict, before: dict) -> dict:
-    return {k: after[k] - before[k] for k in after}
-
+from latency import HEIGHT, RESULTS, WIDTH, delta, jpeg, machine, model_stats, serving  # noqa: E402
 
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))

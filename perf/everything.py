@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import os
 import re
 import statistics
@@ -38,22 +37,11 @@ import numpy as np
 
 from samtriton import server, spec
 from samtriton.client import SamClient
-from samtriton.sample_image import sample_scene
 from samtriton.serving.everything import STAGES
 from samtriton.serving.pipeline import repository_names
 
 sys.path.insert(0, str(Path(__file__).parent))
-from latency import RESULTS, machine, model_stats  # noqa: E402
-
-WIDTH, HEIGHT = 1024, 683
-
-
-def jpeg(seed: int) -> bytes:
-    scene, _ = sample_scene(WIDTH, HEIGHT, seed=seed)
-    buf = io.BytesIO()
-    scene.save(buf, format="JPEG", quality=92)
-    return buf.getvalue()
-
+from latency import HEIGHT, RESULTS, WIDTH, delta, jpeg, machine, model_stats  # noqa: E402
 
 def stage_seconds(metrics_port: int) -> dict[str, float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
@@ -66,10 +54,6 @@ def stage_seconds(metrics_port: int) -> dict[str, float]:
             stage = re.search(r'stage="([^"]+)"', match.group(1)).group(1)
             out[stage] += float(match.group(2))
     return out
-
-
-def delta(after: dict, before: dict) -> dict:
-    return {k: after[k] - before[k] for k in after}
 
 
 def timed_request(url: str, metrics_port: int, decoder: str, image: bytes, params: dict) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import os
 import platform
 import statistics
@@ -32,6 +33,20 @@ from samtriton.serving.prompts import PromptInputs, build_prompts
 from samtriton.variants import get_variant
 
 RESULTS = Path(__file__).parent / "results"
+# The perf scripts' test image size: a typical camera aspect ratio, long side 1024.
+WIDTH, HEIGHT = 1024, 683
+
+
+def jpeg(seed: int, width: int = WIDTH, height: int = HEIGHT) -> bytes:
+    """A generated sample scene as JPEG bytes; another seed, other pixels (a new image to the cache)."""
+    scene, _ = sample_scene(width, height, seed=seed)
+    buf = io.BytesIO()
+    scene.save(buf, format="JPEG", quality=92)
+    return buf.getvalue()
+
+
+def delta(after: dict, before: dict) -> dict:
+    return {k: after[k] - before[k] for k in after}
 
 
 def machine() -> str:

@@ -11,11 +11,12 @@ import time
 import numpy as np
 import pytest
 import torch
+from pycocotools import mask as mask_utils
 
 from samtriton import spec
 from samtriton.client import InvalidInputError, SamClient
 from samtriton.sample_image import sample_scene
-from samtriton.serving.postprocessing import decode_rle, mask_ious
+from samtriton.serving.postprocessing import mask_ious
 from samtriton.variants import get_variant
 from tests.test_batching_and_cache import _stats
 
@@ -28,9 +29,16 @@ CASES = {
     "grid 4x4, every candidate, small regions removed": dict(KEEP_ALL, min_mask_region_area=50),
     "grid 6x6, IoU + stability filters, NMS 0.7": dict(points_per_side=6, pred_iou_thresh=0.05,
                                                        stability_score_thresh=0.3, stability_score_offset=0.02),
+    # Random masks all span the image, so NMS keeps one; without it the stability filter keeps a subset.
+    "grid 6x6, stability >= 0.6 at offset 0.02, no NMS": dict(points_per_side=6, stability_score_thresh=0.6,
+                                                              stability_score_offset=0.02, box_nms_thresh=1.0,
+                                                              pred_iou_thresh=0.0),
     "grid 4x4, one crop layer": dict(KEEP_ALL, crop_n_layers=1, crop_nms_thresh=1.0),
     "upstream's thresholds on an 8x8 grid": dict(points_per_side=8),
 }
+# The cases whose thresholds let random weights keep masks (the others compare counts, 0 = 0 or 1 = 1).
+KEEP_MASKS = {"grid 4x4, every candidate, small regions removed", "grid 6x6, stability >= 0.6 at offset 0.02, no NMS",
+              "grid 4x4, one crop layer"}
 BOTH_PROTOCOLS = {"grid 4x4, every candidate, small regions removed", "grid 4x4, one crop layer"}
 MODELS = ("mobilesam", "efficientvit-sam-l0")
 
@@ -55,8 +63,6 @@ def assert_matches_upstream(result, reference: list[dict]):
     assert len(result) == len(reference), (len(result), len(reference))
     if not reference:
         return
-    from pycocotools import mask as mask_utils
-
     theirs = mask_utils.decode([r["segmentation"] for r in reference]).transpose(2, 0, 1).astype(bool)
     ious = mask_ious(result.masks, theirs)
     assert (ious >= 0.99).mean() >= 0.98, np.sort(ious)[:5]
@@ -73,6 +79,7 @@ def assert_matches_upstream(result, reference: list[dict]):
 def test_matches_the_upstream_generator(triton_server, upstream_predictors, model, case):
     params = CASES[case]
     reference = upstream_predictors(model).generate(IMAGE, **params)
+    assert len(reference) > 1 or case not in KEEP_MASKS
     protocols = ("grpc", "http") if case in BOTH_PROTOCOLS else ("grpc",)
     for protocol in protocols:
         with SamClient(triton_server.url(protocol), protocol=protocol, everything_model_name=_model(model)) as c:
@@ -125,8 +132,7 @@ def test_box_prompts_match_upstream_filters(triton_server, upstream_predictors, 
     with SamClient(triton_server.grpc_url, everything_model_name=_model(model)) as c:
         result = c.segment_everything(IMAGE, boxes=boxes, **params)
     assert len(result) == len(reference) > 1
-    theirs = np.stack([decode_rle([__import__("json").dumps(
-        {"size": r["segmentation"]["size"], "counts": r["segmentation"]["counts"]})])[0] for r in reference])
+    theirs = mask_utils.decode([r["segmentation"] for r in reference]).transpose(2, 0, 1).astype(bool)
     assert (mask_ious(result.masks, theirs) >= 0.99).mean() >= 0.98
     np.testing.assert_allclose(result.scores, [r["predicted_iou"] for r in reference], atol=1e-3)
     np.testing.assert_allclose(result.stability_scores, [r["stability_score"] for r in reference], atol=1e-3)

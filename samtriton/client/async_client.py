@@ -81,18 +81,7 @@ class AsyncSamClient(proto.ClientSettings):
         return proto.merge_results(parts, multimask, return_low_res_logits)
 
     async def segment_everything(self, image, boxes=None, **params) -> EverythingResult:
-        """Segment everything in `image` (upstream's automatic mask generator, served).
-
-        `params`: the generator's knobs, with its names and defaults
-        (points_per_side=32, points_per_batch=64, pred_iou_thresh=0.88,
-        stability_score_thresh=0.95, stability_score_offset=1.0,
-        box_nms_thresh=0.7, crop_n_layers=0, crop_nms_thresh=0.7,
-        crop_overlap_ratio=512/1500, crop_n_points_downscale_factor=1,
-        min_mask_region_area=0); an unknown name or a value out of range raises
-        InvalidInputError naming it.  `boxes` (N, 4) xyxy, e.g. a detector's:
-        prompts instead of the point grid (MobileSAMv2's object-aware mode),
-        one mask per box, filtered the same way.
-        """
+        """See `SamClient.segment_everything`."""
         inputs, outputs, parameters = proto.everything_request(self._module, encode_image(image), boxes, params)
         return proto.everything_response(await self._infer(self.everything_model_name, inputs, outputs, parameters))
 

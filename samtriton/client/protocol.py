@@ -11,7 +11,7 @@ import numpy as np
 
 from samtriton import spec
 from samtriton.client.errors import SamTritonError
-from samtriton.client.inputs import WirePrompts, group_prompts, wire_prompts
+from samtriton.client.inputs import WirePrompts, as_boxes, group_prompts, wire_prompts
 from samtriton.client.result import EverythingResult, SegmentationResult
 from samtriton.serving.request_parameters import MULTIMASK_PARAMETER, OUTPUTS_PARAMETER
 from samtriton.serving.postprocessing import decode_rle
@@ -180,8 +180,6 @@ def merge_results(parts: list[tuple[list[int], SegmentationResult]], multimask: 
 
 def everything_request(module, image_bytes: bytes, boxes=None, params: dict | None = None):
     """Inputs, requested outputs and parameters of one `sam_everything` request."""
-    from samtriton.client.inputs import as_boxes
-
     inputs = [_image_input(module, image_bytes)]
     if boxes is not None:
         inputs.append(_input(module, spec.BOXES, as_boxes(boxes)))

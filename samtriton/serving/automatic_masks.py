@@ -312,13 +312,14 @@ def filter_candidates(low_res: np.ndarray, iou: np.ndarray, points: np.ndarray, 
         boxes = mask_boxes(masks)
         inside = ~near_crop_edge(boxes, crop_box, [0, 0, image_w, image_h])
         masks, boxes, passed = masks[inside], boxes[inside], passed[inside]
+        areas = masks.sum(axis=(1, 2), dtype=np.int64)  # before the paste: the crop is smaller
         if (x0, y0, x1, y1) != (0, 0, image_w, image_h):
             full = np.zeros((masks.shape[0], image_h, image_w), dtype=bool)
             full[:, y0:y1, x0:x1] = masks
             masks = full
         chosen = index[passed]
-        parts.append(Masks(encode(masks), masks.sum(axis=(1, 2), dtype=np.int64), scores[chosen], stability[passed],
-                           boxes, points[chosen], prompt_boxes[chosen], np.zeros((len(chosen), 4), np.int64)))
+        parts.append(Masks(encode(masks), areas, scores[chosen], stability[passed], boxes, points[chosen],
+                           prompt_boxes[chosen], np.zeros((len(chosen), 4), np.int64)))
     return Masks.concat(parts)
 
 

@@ -81,7 +81,9 @@ class Crop:
 
 def point_prompts(points: np.ndarray, geometry: Geometry, pad_tokens: int = 0) -> Prompts:
     """(N, 2) xy points (float64, crop pixels) -> one foreground point per prompt plus SAM's padding
-    point, as the upstream generator prompts its predictor."""
+    point, as the upstream generator prompts its predictor.  Not `build_prompts`: that takes a
+    client's float32 points and caps a request's prompts, while a grid is ours, float64 as
+    upstream transforms it, and up to 4096 points."""
     n = points.shape[0]
     tokens = max(2, pad_tokens)
     coords = np.zeros((n, tokens, 2), np.float32)
