@@ -42,6 +42,8 @@ def _parse_point(text: str) -> tuple[float, float, int]:
 def cmd_models(args) -> int:
     from samtriton.variants import DEFAULT_MODEL, MODEL_REGISTRY
 
+    if args.model_repository:
+        return _repository_models(Path(args.model_repository))
     print(f"{'model':<22}{'input':>11}{'params':>10}  {'checkpoint':<24}{'sha256':<10}ensemble")
     for v in MODEL_REGISTRY.values():
         size = f"{v.encoder_size}x{v.encoder_size}"
@@ -49,6 +51,37 @@ def cmd_models(args) -> int:
         default = "  (default: also `sam`)" if v.name == DEFAULT_MODEL else ""
         print(f"{v.name:<22}{size:>11}{v.parameters / 1e6:>9.1f}M  {v.checkpoint_file:<24}{pinned:<10}"
               f"{v.ensemble}{default}")
+    return 0
+
+
+def _repository_models(repo: Path) -> int:
+    """The variants a built repository serves: weights, each step's runtime and its gate figures."""
+    from samtriton.build.accuracy_gate import GateReport
+    from samtriton.build.configs import parse_pbtxt
+    from samtriton.variants import get_variant
+
+    configs = {p.parent.name: parse_pbtxt(p.read_text()) for p in sorted(repo.glob("*/config.pbtxt"))}
+    if spec.POSTPROCESS not in configs:
+        print(f"samtriton models: {repo} is not a samtriton model repository (no {spec.POSTPROCESS}/config.pbtxt)",
+              file=sys.stderr)
+        return 1
+    default = configs[spec.ENSEMBLE].parameters["samtriton_model"].string_value
+    for name in configs[spec.POSTPROCESS].parameters["samtriton_models"].string_value.split(","):
+        names = spec.model_names(get_variant(name).slug)
+        params = {k: v.string_value for k, v in configs[names.image_encoder].parameters.items()}
+        print(f"{name}{'  (default: also `sam`)' if name == default else ''}: {params['weights']}")
+        for step in (names.image_encoder, names.mask_decoder):
+            cfg = configs[step]
+            params = {k: v.string_value for k, v in cfg.parameters.items()}
+            if cfg.platform == "tensorrt_plan":
+                print(f"  {step:<34} TensorRT plan (gate run by `samtriton build-engines`)")
+                continue
+            figures = ""
+            if all(k in params for k in GateReport.PARAMETERS):
+                figures = (f": mean mask IoU {params['gate_mean_mask_iou']}, min {params['gate_min_mask_iou']}, "
+                           f"max score diff {params['gate_max_score_diff']}")
+            print(f"  {step:<34} {params.get('runtime', 'onnxruntime')} {params.get('precision', 'fp32')}"
+                  f"  gate: {params.get('gate', 'reference (fp32 ONNX Runtime)')}{figures}")
     return 0
 
 
@@ -93,14 +126,45 @@ def serving_options(args):
         everything_instances=args.everything_instances,
         everything_decoder_prompts=args.everything_decoder_prompts,
         everything_decoder_window=args.everything_decoder_window,
+        **step_runtimes(args),
         limits=Limits(max_image_bytes=args.max_image_bytes, max_pixels=args.max_pixels, max_boxes=args.max_boxes,
                       max_points=args.max_points),
     )
 
 
+def step_runtimes(args) -> dict:
+    """--encoder-runtime/--encoder-precision and the decoder's -> ServingOptions fields.
+
+    A runtime given alone runs at its own default precision (OpenVINO: the
+    default step's, bf16; ONNX Runtime: fp32); a precision alone keeps the
+    default runtime."""
+    from samtriton.build.configs import ServingOptions
+    from samtriton.serving.cpu_runtime import FP32, OPENVINO, StepRuntime
+
+    defaults = ServingOptions()
+    out = {}
+    for step in ("encoder", "decoder"):
+        runtime, precision = getattr(args, f"{step}_runtime"), getattr(args, f"{step}_precision")
+        if runtime is None and precision is None:
+            continue
+        if args.target != "cpu":
+            raise ValueError(f"--{step}-runtime/--{step}-precision choose the CPU target's runtimes; the GPU target "
+                             "runs TensorRT (build-engines --fp32 for fp32)")
+        default = getattr(defaults, f"{step}_runtime")
+        runtime = runtime or default.runtime
+        if precision is None:
+            precision = default.precision if runtime == OPENVINO == default.runtime else FP32
+        try:
+            out[f"{step}_runtime"] = StepRuntime(runtime, precision)
+        except ValueError as e:
+            raise ValueError(f"--{step}-runtime/--{step}-precision: {e}") from None
+    return out
+
+
 def cmd_build(args) -> int:
     from samtriton.build.checkpoint import CheckpointError
     from samtriton.build.download import CheckpointDownloadError, resolve_checkpoint
+    from samtriton.build.accuracy_gate import GateError
     from samtriton.build.repository import ModelSource, ParityError, build_repository
     from samtriton.variants import UnknownModelError, get_variant
 
@@ -115,6 +179,7 @@ def cmd_build(args) -> int:
             get_variant(args.default)
         checkpoints = _per_model(args.checkpoint, models, "--checkpoint")
         sha256s = _per_model(args.checkpoint_sha256, models, "--checkpoint-sha256")
+        options = serving_options(args)
     except (UnknownModelError, ValueError) as e:
         return fail(e, 2)
     if args.random_weights and (checkpoints or sha256s):
@@ -127,8 +192,8 @@ def cmd_build(args) -> int:
             else:
                 path = resolve_checkpoint(variant, checkpoints.get(variant.name), sha256s.get(variant.name))
                 sources.append(ModelSource(variant, checkpoint=path))
-        build_repository(sources, args.out, options=serving_options(args), default=args.default)
-    except (CheckpointError, CheckpointDownloadError, ParityError, FileNotFoundError, ValueError) as e:
+        build_repository(sources, args.out, options=options, default=args.default)
+    except (CheckpointError, CheckpointDownloadError, ParityError, GateError, FileNotFoundError, ValueError) as e:
         return fail(e)
     return 0
 
@@ -462,18 +527,22 @@ def _demo_everything_params(repo: Path) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     from samtriton import server as server_defaults
     from samtriton.build.configs import ServingOptions
+    from samtriton.serving.cpu_runtime import PRECISIONS, RUNTIMES
 
     defaults = ServingOptions()
 
     parser = argparse.ArgumentParser(prog="samtriton", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("models", help="list the model variants that can be built")
+    p = sub.add_parser("models", help="list the model variants that can be built, or those a repository serves")
+    p.add_argument("--model-repository", metavar="DIR",
+                   help="list this built repository's variants: weights, each step's runtime, precision and "
+                        "accuracy-gate figures")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("build", help="export ONNX and write a Triton model repository")
     p.add_argument("--target", choices=("cpu", "gpu"), default="cpu",
-                   help="cpu: ONNX Runtime in python models (this tritonserver); gpu: TensorRT models for the "
+                   help="cpu: ONNX Runtime or OpenVINO in python models (this tritonserver); gpu: TensorRT models for the "
                         "NGC image, engines built on the serving GPU by `samtriton build-engines`")
     p.add_argument("--model", nargs="+", default=["mobilesam"], metavar="NAME",
                    help="model variants to put in the repository, side by side (see `samtriton models`)")
@@ -509,7 +578,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"the same for the decoder; default {defaults.decoder_max_queue_size} (cpu), "
                         f"{gpu.decoder_max_queue_size} (gpu)")
     p.add_argument("--intra-op-threads", type=int, default=defaults.intra_op_threads,
-                   help="ONNX Runtime threads per model instance (0: all cores)")
+                   help="ONNX Runtime / OpenVINO threads per model instance (0: all cores)")
+    for step in ("encoder", "decoder"):
+        default = getattr(defaults, f"{step}_runtime")
+        p.add_argument(f"--{step}-runtime", choices=RUNTIMES,
+                       help=f"cpu target: the {step}'s runtime (default {default.runtime})")
+        p.add_argument(f"--{step}-precision", choices=PRECISIONS,
+                       help=f"cpu target: the {step}'s precision (default {default.precision} with openvino, on CPUs "
+                            "with native bf16, else fp32; anything but onnxruntime fp32 must pass the accuracy gate)")
     p.add_argument("--everything-instances", type=int,
                    help=f"sam_everything requests served at once per model; default {defaults.everything_instances}")
     p.add_argument("--everything-decoder-prompts", type=int,

@@ -170,19 +170,20 @@ def test_accuracy_gate_inputs_fit_the_engine_profile(gpu_repository):
     """The gate feeds the decoder every prompt kind: shapes inside the profile the
     engine is built with, and the fp32 ONNX graph (the gate's reference) runs them."""
     from samtriton.build.configs import parse_pbtxt
-    from samtriton.build.engines import _run_onnx, gate_inputs
+    from samtriton.build.accuracy_gate import decoder_feeds
+    from samtriton.build.engines import _onnx_runner
 
     repo, _ = gpu_repository
     names = spec.model_names("mobilesam")
     cfg = parse_pbtxt((repo / names.mask_decoder / "config.pbtxt").read_text())
     tokens = int(cfg.parameters["prompt_tokens"].string_value)
-    feeds = gate_inputs(tokens)
+    feeds = decoder_feeds(tokens)
     profile = profile_from_config(cfg, 1024)
     assert set(feeds) == set(profile.shapes)
     for name, (lo, _, hi) in profile.shapes.items():
         shape = feeds[name].shape
         assert all(a <= b <= c for a, b, c in zip(lo, shape, hi)), (name, lo, shape, hi)
-    out = _run_onnx(repo / names.mask_decoder / "1" / "model.onnx", feeds)
+    out = _onnx_runner(repo / names.mask_decoder / "1" / "model.onnx")(feeds)
     prompts = int(feeds[spec.HAS_MASK_INPUT_NAME].shape[0])
     assert out[spec.LOW_RES_MASKS_NAME].shape == (prompts, 4, 256, 256) and prompts >= 10
     assert feeds[spec.HAS_MASK_INPUT_NAME].any() and not feeds[spec.HAS_MASK_INPUT_NAME].all()

@@ -9,6 +9,8 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from samtriton import spec
+from samtriton.build.cpu_steps import DEFAULT_DECODER, DEFAULT_ENCODER, VariantSteps
+from samtriton.serving.cpu_runtime import StepRuntime
 from samtriton.serving.preprocessing import PreprocessSettings
 from samtriton.serving.prompts import Limits
 from samtriton.variants import ModelVariant
@@ -59,8 +61,12 @@ class ServingOptions:
     everything_instances: int = 2
     everything_decoder_prompts: int = 8
     everything_decoder_window: int = 1
-    # 0 lets ONNX Runtime use every core; set it when several instances share a host.
+    # 0 lets ONNX Runtime / OpenVINO use every core; set it when several instances share a host.
     intra_op_threads: int = 0
+    # CPU target: each step's runtime and precision (samtriton.build.cpu_steps;
+    # bf16 falls back to fp32 on CPUs without it, and is gated at build time).
+    encoder_runtime: StepRuntime = DEFAULT_ENCODER
+    decoder_runtime: StepRuntime = DEFAULT_DECODER
     limits: Limits = field(default_factory=Limits)
     # GPU target: the decoder engine's optimisation profile is tuned for this
     # many prompts per call (its maximum is decoder_max_batch_size * max_boxes).
@@ -208,8 +214,10 @@ def _ensemble(name: str, role: str, names: spec.ModelNames, variant: ModelVarian
     return ens
 
 
-def variant_configs(variant: ModelVariant, weights: WeightsInfo, options: ServingOptions) -> list[mc.ModelConfig]:
-    """One variant's preprocess, encoder, decoder and its two ensembles."""
+def variant_configs(variant: ModelVariant, weights: WeightsInfo, options: ServingOptions,
+                    steps: VariantSteps | None = None) -> list[mc.ModelConfig]:
+    """One variant's preprocess, encoder, decoder and its two ensembles; `steps`:
+    the CPU runtimes a build chose and gated (None: the options', unchecked)."""
     io = spec.model_io(variant.encoder_size)
     names = spec.model_names(variant.slug)
 
@@ -234,6 +242,10 @@ def variant_configs(variant: ModelVariant, weights: WeightsInfo, options: Servin
         )
         dec.parameters["intra_op_threads"].string_value = str(options.intra_op_threads)
         dec.parameters["max_boxes"].string_value = str(options.limits.max_boxes)
+        steps = steps or VariantSteps.unchecked(options.encoder_runtime, options.decoder_runtime)
+        for cfg, choice in ((enc, steps.encoder), (dec, steps.decoder)):
+            for key, value in choice.to_parameters().items():
+                cfg.parameters[key].string_value = value
     enc.dynamic_batching.max_queue_delay_microseconds = options.encoder_queue_delay_us
     enc.dynamic_batching.preferred_batch_size.extend(options.encoder_preferred_batch_sizes)
     enc.response_cache.enable = options.encoder_response_cache
@@ -257,6 +269,7 @@ def model_configs(
     weights: Mapping[str, WeightsInfo],
     options: ServingOptions,
     default: str | None = None,
+    steps: Mapping[str, VariantSteps] | None = None,
 ) -> dict[str, mc.ModelConfig]:
     """Every config of a repository holding `variants` (weights keyed by variant name).
 
@@ -274,7 +287,8 @@ def model_configs(
 
     configs = []
     for variant in variants:
-        configs.extend(variant_configs(variant, weights[variant.name], options))
+        configs.extend(variant_configs(variant, weights[variant.name], options,
+                                       None if steps is None else steps[variant.name]))
     aliases = spec.default_names(default_variant.slug)
     for role in (spec.ENSEMBLE, spec.ENCODE_ENSEMBLE):
         configs.append(_ensemble(aliases.of(role), role, aliases, default_variant, weights[default_variant.name]))

@@ -8,7 +8,8 @@ it.  fp16 keeps in fp32 the layers known to overflow or lose masks in fp16:
 normalisations (LayerNorm, SAM's LayerNorm2d pieces), the softmax of the
 two-way transformer, and EfficientViT's attention blocks.  Before a plan is
 written, its masks are compared with the fp32 ONNX model's on a fixed set
-(the accuracy gate); an engine that fails is not written.
+(`samtriton.build.accuracy_gate`, the CPU target's too); an engine that
+fails is not written.
 
 Only the pure parts (profiles, precision rules, cache keys) run without a
 GPU; the rest needs `tensorrt` and a CUDA device and is skipped in CI.
@@ -24,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from samtriton import spec
-from samtriton.serving import decoder_batch
-from samtriton.serving.postprocessing import mask_ious
+from samtriton.build import accuracy_gate as gate
+from samtriton.variants import get_variant
 
 # --- optimisation profiles ----------------------------------------------------
 
@@ -113,32 +114,6 @@ def cache_key(gpu_name: str, tensorrt_version: str, onnx_sha256: str, profile: P
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-@dataclass(frozen=True)
-class GateReport:
-    min_mask_iou: float
-    mean_mask_iou: float
-    max_score_diff: float
-    max_embedding_diff: float | None = None
-
-    MIN_IOU = 0.97
-    MAX_SCORE_DIFF = 0.05
-
-    def passed(self) -> bool:
-        return self.min_mask_iou >= self.MIN_IOU and self.max_score_diff <= self.MAX_SCORE_DIFF
-
-    def line(self) -> str:
-        emb = "" if self.max_embedding_diff is None else f", embeddings max |diff| {self.max_embedding_diff:.3g}"
-        return (f"mask IoU vs fp32 ONNX: min {self.min_mask_iou:.4f} (gate {self.MIN_IOU}), mean "
-                f"{self.mean_mask_iou:.4f}; scores max |diff| {self.max_score_diff:.3g} (gate "
-                f"{self.MAX_SCORE_DIFF}){emb}")
-
-
-def gate_inputs(tokens: int, images: np.ndarray | None = None, seed: int = 0):
-    """The fixed set: every prompt kind (boxes, points, box + points, mask inputs)
-    on two images, laid out as Triton's TensorRT backend feeds the decoder."""
-    return decoder_batch.ragged_feeds(decoder_batch.sample_requests(np.random.default_rng(seed), images), tokens)
-
-
 class EngineBuildError(RuntimeError):
     pass
 
@@ -196,38 +171,22 @@ def _run_engine(plan: bytes, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarr
         return {k: np.asarray(v) for k, v in runner.infer(feeds).items()}
 
 
-def _run_onnx(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    from samtriton.serving.onnx_runtime import make_session
+def _onnx_runner(path: Path) -> gate.Run:
+    from samtriton.serving.cpu_runtime import make_session
 
-    session = make_session(str(path))
-    names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(None, feeds)))
+    return gate.session_runner(make_session(path))
 
 
-def accuracy_gate(role: str, plan: bytes, onnx_path: Path, decoder_onnx: Path, encoder_size: int,
-                  tokens: int) -> GateReport:
-    """Masks of the engine vs masks of the fp32 ONNX model on the fixed set, all
-    four mask tokens.
+def accuracy_gate(role: str, plan: bytes, onnx_path: Path, decoder_onnx: Path, pixels: np.ndarray,
+                  tokens: int) -> gate.GateReport:
+    """The engine against the fp32 ONNX model (`samtriton.build.accuracy_gate`);
+    an encoder engine is judged through the fp32 decoder on `pixels`."""
+    def engine(feeds):
+        return _run_engine(plan, feeds)
 
-    An encoder engine is judged through the fp32 decoder: its embeddings and
-    the ONNX encoder's go through the same decoder and prompts.
-    """
-    embedding_diff = None
     if role == spec.IMAGE_ENCODER:
-        pixels = np.random.default_rng(1).standard_normal((2, 3, encoder_size, encoder_size)).astype(np.float32)
-        feeds = {spec.PIXEL_VALUES_NAME: pixels}
-        emb_ref = _run_onnx(onnx_path, feeds)[spec.IMAGE_EMBEDDINGS_NAME]
-        emb_trt = _run_engine(plan, feeds)[spec.IMAGE_EMBEDDINGS_NAME].astype(np.float32)
-        embedding_diff = float(np.abs(emb_trt - emb_ref).max())
-        ref = _run_onnx(decoder_onnx, gate_inputs(tokens, emb_ref))
-        got = _run_onnx(decoder_onnx, gate_inputs(tokens, emb_trt))
-    else:
-        feeds = gate_inputs(tokens)
-        ref, got = _run_onnx(onnx_path, feeds), _run_engine(plan, feeds)
-    ious = mask_ious(got[spec.LOW_RES_MASKS_NAME].reshape(-1, spec.LOW_RES_MASK_SIZE ** 2) > 0,
-                     ref[spec.LOW_RES_MASKS_NAME].reshape(-1, spec.LOW_RES_MASK_SIZE ** 2) > 0)
-    score_diff = float(np.abs(got[spec.IOU_PREDICTIONS_NAME] - ref[spec.IOU_PREDICTIONS_NAME]).max())
-    return GateReport(float(ious.min()), float(ious.mean()), score_diff, embedding_diff)
+        return gate.judge_encoder(engine, _onnx_runner(onnx_path), _onnx_runner(decoder_onnx), pixels, tokens)
+    return gate.judge_decoder(engine, _onnx_runner(onnx_path), tokens)
 
 
 def build_repository_engines(repo: Path, cache_dir: Path, fp16: bool = True, log=print) -> int:
@@ -263,7 +222,9 @@ def build_repository_engines(repo: Path, cache_dir: Path, fp16: bool = True, log
             decoder_name = _sibling(name, spec.MASK_DECODER)
             tokens = int(configs[decoder_name].parameters["prompt_tokens"].string_value)
             decoder = repo / decoder_name / "1" / "model.onnx"
-            report = accuracy_gate(spec.role_of(name), plan, onnx_path, decoder, encoder_size, tokens)
+            variant = get_variant(cfg.parameters["samtriton_model"].string_value)
+            pixels = gate.sample_pixels(encoder_size, variant.pixel_mean, variant.pixel_std)
+            report = accuracy_gate(spec.role_of(name), plan, onnx_path, decoder, pixels, tokens)
             log(f"  {report.line()}")
             if not report.passed():
                 raise EngineBuildError(f"{name}: the engine fails the accuracy gate ({report.line()}); "

@@ -14,6 +14,7 @@ from samtriton.build import checkpoint as ckpt
 from samtriton.build.configs import ServingOptions, WeightsInfo, model_configs, to_pbtxt
 from samtriton.build.download import sha256_of
 from samtriton.build import trt_compat
+from samtriton.build.cpu_steps import VariantSteps, choose_steps
 from samtriton.build.onnx_export import (
     ParityReport,
     check_parity,
@@ -64,6 +65,8 @@ class BuildResult:
     parity: dict[str, ParityReport]
     seconds: float
     default: str = field(default="")
+    # CPU target: each variant's step runtimes and their gate figures.
+    steps: dict[str, VariantSteps] = field(default_factory=dict)
 
 
 def write_configs(out_dir: Path, configs) -> None:
@@ -98,7 +101,7 @@ def _check_tensorrt_graphs(variant: ModelVariant, encoder_onnx: Path, decoder_on
 
 
 def _export_variant(source: ModelSource, out_dir: Path, tmp: Path, log,
-                    options: ServingOptions) -> tuple[WeightsInfo, ParityReport]:
+                    options: ServingOptions) -> tuple[WeightsInfo, ParityReport, VariantSteps | None]:
     variant = source.variant
     if source.checkpoint is None:
         checkpoint = ckpt.write_random_checkpoint(variant, tmp / variant.checkpoint_file, source.random_seed)
@@ -133,7 +136,12 @@ def _export_variant(source: ModelSource, out_dir: Path, tmp: Path, log,
     if parity.problems():
         raise ParityError(f"{variant.name}: the exported ONNX does not reproduce PyTorch: "
                           + "; ".join(parity.problems()) + ". Nothing was written.")
-    return weights, parity
+    del sam  # PyTorch's copy of the weights is not needed for the gate
+    steps = None
+    if options.target == "cpu":
+        steps = choose_steps(variant, encoder_onnx, decoder_onnx, options.encoder_runtime, options.decoder_runtime,
+                             log)
+    return weights, parity, steps
 
 
 def build_repository(
@@ -161,12 +169,13 @@ def build_repository(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        weights, parity = {}, {}
+        weights, parity, steps = {}, {}, {}
         with tempfile.TemporaryDirectory(prefix="samtriton-build-") as tmp:
             for source in sources:
-                w, p = _export_variant(source, staging, Path(tmp), log, options)
-                weights[source.variant.name], parity[source.variant.name] = w, p
-        configs = model_configs(variants, weights, options, default)
+                name = source.variant.name
+                weights[name], parity[name], steps[name] = _export_variant(source, staging, Path(tmp), log, options)
+        configs = model_configs(variants, weights, options, default,
+                                steps=steps if options.target == "cpu" else None)
         _copy_python_models(staging, configs)
         write_configs(staging, configs)
         if out_dir.exists():
@@ -180,8 +189,12 @@ def build_repository(
     for v in variants:
         log(f"{v.name}: ensemble {v.ensemble}" + (" (also `sam`, the default)" if v.name == default else "")
             + f"; {weights[v.name].description}")
+        if steps.get(v.name) is not None:
+            log(f"  image encoder: {steps[v.name].encoder.summary()}")
+            log(f"  mask decoder:  {steps[v.name].decoder.summary()}")
     log(f"wrote {out_dir}")
     if options.target == "gpu":
         log("GPU target: build the TensorRT engines on the serving GPU with "
             f"`samtriton build-engines --model-repository {out_dir}` (the Docker image does it at start)")
-    return BuildResult(out_dir, weights, parity, time.perf_counter() - started, default)
+    return BuildResult(out_dir, weights, parity, time.perf_counter() - started, default,
+                       {k: v for k, v in steps.items() if v is not None})

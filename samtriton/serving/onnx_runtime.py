@@ -11,10 +11,11 @@ import numpy as np
 from samtriton import spec
 
 
-def make_session(path: str, intra_op_threads: int = 0, inter_op_threads: int = 1):
+def make_session(path: str, intra_op_threads: int = 0, inter_op_threads: int = 1, memory_arena: bool = True):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    opts.enable_cpu_mem_arena = memory_arena
     opts.intra_op_num_threads = intra_op_threads  # 0: one per core
     opts.inter_op_num_threads = inter_op_threads
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -1,7 +1,8 @@
 """The served pipeline run in-process, one request at a time, without Triton.
 
-It reads the same model repository (configs and ONNX files) and calls the
-same functions as the python models, so it is the reference for "what a
+It reads the same model repository (configs and ONNX files, each step in
+the runtime and precision its config names) and calls the same functions as
+the python models, so it is the reference for "what a
 request gets alone" and the in-process side of served-vs-in-process figures.
 """
 
@@ -14,7 +15,8 @@ import numpy as np
 
 from samtriton import spec
 from samtriton.serving import decoder_batch
-from samtriton.serving.onnx_runtime import decode, encode, make_session
+from samtriton.serving.cpu_runtime import StepRuntime, make_session, resolve
+from samtriton.serving.onnx_runtime import decode, encode
 from samtriton.serving.postprocessing import masks_from_logits
 from samtriton.serving.preprocessing import PreprocessSettings, Preprocessed, preprocess
 from samtriton.serving.prompts import PromptInputs, Prompts
@@ -36,6 +38,11 @@ def repository_names(repo: Path, model: str | None = None) -> spec.ModelNames:
     return spec.model_names(get_variant(model).slug)
 
 
+def step_runtime(repo: Path, model: str) -> StepRuntime:
+    """The runtime and precision a step model of `repo` runs with on this CPU, as its python model resolves it."""
+    return resolve(StepRuntime.from_parameters(repository_parameters(repo, model)), spec.role_of(model))[0]
+
+
 @dataclass(frozen=True)
 class InProcessResult:
     """What a `sam` request returns: masks (N, H, W) bool or (N, 3, H, W) with
@@ -51,8 +58,9 @@ class InProcessPipeline:
         repo = Path(model_repository)
         self.names = repository_names(repo, model)
         self.settings = PreprocessSettings.from_parameters(repository_parameters(repo, self.names.preprocess))
-        self.encoder = make_session(str(repo / self.names.image_encoder / "1" / "model.onnx"), intra_op_threads)
-        self.decoder = make_session(str(repo / self.names.mask_decoder / "1" / "model.onnx"), intra_op_threads)
+        self.encoder, self.decoder = (
+            make_session(repo / name / "1" / "model.onnx", step_runtime(repo, name), intra_op_threads)
+            for name in (self.names.image_encoder, self.names.mask_decoder))
 
     def preprocess(self, image_bytes: bytes, prompts: PromptInputs | None = None) -> Preprocessed:
         return preprocess(image_bytes, prompts, self.settings)

@@ -11,7 +11,7 @@ import triton_python_backend_utils as pb_utils
 
 from samtriton import spec
 from samtriton.serving.errors import InvalidInput, ShuttingDown
-from samtriton.serving.onnx_runtime import make_session
+from samtriton.serving.cpu_runtime import StepRuntime, make_session, resolve
 
 
 def model_parameters(args: dict) -> dict[str, str]:
@@ -19,11 +19,16 @@ def model_parameters(args: dict) -> dict[str, str]:
     return {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
 
 
-def onnx_session(args: dict):
-    """The ONNX Runtime session of a model whose version folder holds model.onnx."""
+def step_session(args: dict):
+    """The session of a model whose version folder holds model.onnx, in the
+    runtime and precision its config names (`samtriton.serving.cpu_runtime`)."""
     path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
-    threads = int(model_parameters(args).get("intra_op_threads", "0"))
-    return make_session(path, intra_op_threads=threads)
+    params = model_parameters(args)
+    # A repository built on a bf16 CPU and served on one without: fp32, said in the log.
+    step, why = resolve(StepRuntime.from_parameters(params), spec.role_of(args["model_name"]))
+    if why:
+        pb_utils.Logger.log_warn(f"{args['model_name']}: {why}")
+    return make_session(path, step, threads=int(params.get("intra_op_threads", "0")))
 
 
 def input_array(request, name: str) -> np.ndarray:

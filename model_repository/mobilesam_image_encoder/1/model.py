@@ -1,4 +1,4 @@
-"""Triton python model: the ONNX image encoder in an ONNX Runtime session (CPU target).
+"""Triton python model: the ONNX image encoder in ONNX Runtime or OpenVINO (CPU target).
 
 Triton's dynamic batcher hands several requests to one `execute()`; their
 images go through the encoder in one session call (the graph has a dynamic
@@ -9,13 +9,13 @@ import triton_python_backend_utils as pb_utils
 
 from samtriton import spec
 from samtriton.serving.onnx_runtime import concat, encode
-from samtriton.serving.triton_helpers import ErrorResponses, input_array, onnx_session, tensor
+from samtriton.serving.triton_helpers import ErrorResponses, input_array, step_session, tensor
 
 
 class TritonPythonModel:
     def initialize(self, args):
         self.error = ErrorResponses(args)
-        self.session = onnx_session(args)
+        self.session = step_session(args)
 
     def execute(self, requests):
         try:

@@ -1,4 +1,4 @@
-"""Triton python model: the ONNX prompt mask decoder in an ONNX Runtime session (CPU target).
+"""Triton python model: the ONNX prompt mask decoder in ONNX Runtime or OpenVINO (CPU target).
 
 Triton's dynamic batcher, with ragged batching on the prompt tensors, hands
 requests with different prompt counts, token counts, prompt kinds and mask
@@ -18,13 +18,13 @@ from samtriton import spec
 from samtriton.serving import decoder_batch
 from samtriton.serving.onnx_runtime import decode
 from samtriton.serving.request_parameters import multimask_output
-from samtriton.serving.triton_helpers import ErrorResponses, input_array, model_parameters, onnx_session, tensor
+from samtriton.serving.triton_helpers import ErrorResponses, input_array, model_parameters, step_session, tensor
 
 
 class TritonPythonModel:
     def initialize(self, args):
         self.error = ErrorResponses(args)
-        self.session = onnx_session(args)
+        self.session = step_session(args)
         self.max_prompts = int(model_parameters(args)["max_boxes"])
 
     def _gather(self, request) -> tuple[decoder_batch.DecoderRequest, bool]:
