@@ -5,7 +5,10 @@
 Sends --requests sequential `sam` requests (new image each, --boxes boxes,
 response cache off) and reads the per-model statistics Triton kept meanwhile:
 queue and compute (input + infer + output) per request for preprocess,
-image_encoder, mask_decoder and postprocess, the ensemble's own total, and
+image_embedding (which answers through its response sender: Triton counts its
+compute as the time to hand the request to its event loop), image_encoder
+(called by image_embedding on a miss), mask_decoder and postprocess, the
+ensemble's own total, and
 what is left of the client's latency: the wire and the client (encoding the
 request, decoding RLE).  Writes perf/results/breakdown.csv.
 """
@@ -32,7 +35,7 @@ from samtriton.variants import DEFAULT_MODEL, get_variant  # noqa: E402
 
 # The default variant's steps, which `sam` (what SamClient calls by default) runs.
 _NAMES = spec.default_names(get_variant(DEFAULT_MODEL).slug)
-STEPS = (_NAMES.preprocess, _NAMES.image_encoder, _NAMES.mask_decoder, _NAMES.postprocess)
+STEPS = (_NAMES.preprocess, _NAMES.image_embedding, _NAMES.image_encoder, _NAMES.mask_decoder, _NAMES.postprocess)
 
 
 def snapshot(url: str) -> dict[str, dict[str, int]]:
@@ -58,7 +61,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     http, grpc, metrics = server.free_ports(3)
-    proc = server.start(server.ServerOptions(Path(args.model_repository), http, grpc, metrics, cache_bytes=0),
+    proc = server.start(server.ServerOptions(Path(args.model_repository), http, grpc, metrics, cache_bytes=0,
+                                             embedding_cache_mb=0),
                         stdout=open(os.devnull, "wb"), stderr=open(os.devnull, "wb"))
     try:
         server.wait_ready(proc, http)
@@ -86,9 +90,9 @@ def main(argv=None) -> int:
     desc = machine()
     print(f"machine: {desc}\nMobileSAM, 1024x683 JPEG, {args.boxes} boxes, {args.requests} sequential requests, "
           "no response cache; mean per request")
-    print(f"  {'step':<16}{'queue':>10}{'compute':>12}")
+    print(f"  {'step':<28}{'queue':>10}{'compute':>12}")
     for model, queue, compute in rows:
-        print(f"  {model:<16}{queue:8.1f} ms{compute:10.1f} ms")
+        print(f"  {model:<28}{queue:8.1f} ms{compute:10.1f} ms")
     steps_ms = sum(q + c for _, q, c in rows)
     print(f"  ensemble total (server side)  {ensemble_ms:8.1f} ms  (sum of the steps' queue + compute: "
           f"{steps_ms:.1f} ms)")

@@ -80,16 +80,24 @@ def model_stats(url: str, model: str) -> dict[str, float]:
 
 
 @contextmanager
-def serving(repo: Path):
-    """A tritonserver on `repo` on free ports for the duration; yields its gRPC URL."""
+def serving_with_metrics(repo: Path):
+    """A tritonserver on `repo` on free ports for the duration; yields its gRPC
+    URL and its metrics URL."""
     http, grpc, metrics = server.free_ports(3)
     proc = server.start(server.ServerOptions(Path(repo), http, grpc, metrics),
                         stdout=open(os.devnull, "wb"), stderr=open(os.devnull, "wb"))
     try:
         server.wait_ready(proc, http)
-        yield f"127.0.0.1:{grpc}"
+        yield f"127.0.0.1:{grpc}", f"http://127.0.0.1:{metrics}/metrics"
     finally:
         server.stop(proc)
+
+
+@contextmanager
+def serving(repo: Path):
+    """A tritonserver on `repo` on free ports for the duration; yields its gRPC URL."""
+    with serving_with_metrics(repo) as (url, _):
+        yield url
 
 
 def main() -> None:

@@ -5,7 +5,8 @@
 Each entry is one `sam` request: a JPEG or PNG of a generated scene (several
 sizes and aspect ratios) and a box set of 1 to 47 boxes.  perf_analyzer cycles
 through the entries, so the encoder sees `--images` distinct images and then
-repeats (its response cache answers repeats unless the server runs without it).
+repeats (the embedding cache answers repeats unless the server runs without it:
+`samtriton serve --embedding-cache-mb 0`).
 """
 
 from __future__ import annotations

@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     inproc_throughput = len(burst) / (time.perf_counter() - started)
 
     http, grpc, metrics = server.free_ports(3)
-    proc = server.start(server.ServerOptions(repo, http, grpc, metrics, cache_bytes=0),
+    proc = server.start(server.ServerOptions(repo, http, grpc, metrics, cache_bytes=0, embedding_cache_mb=0),
                         stdout=open(os.devnull, "wb"), stderr=open(os.devnull, "wb"))
     try:
         server.wait_ready(proc, http)

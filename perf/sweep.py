@@ -200,8 +200,9 @@ def main(argv=None) -> int:
     parser.add_argument("--max-trials", type=int, default=6)
     parser.add_argument("--timeout-s", type=int, default=900, help="per perf_analyzer run")
     parser.add_argument("--cache-size-mb", type=float, default=0,
-                        help="response cache of the server this script starts; 0 (default) measures every "
-                             "request's encoder work, otherwise repeated images are answered from the cache")
+                        help="embedding cache (and response cache) of the server this script starts; 0 (default) "
+                             "measures every request's encoder work, otherwise repeated images are answered from "
+                             "the cache")
     parser.add_argument("--out-dir", default=str(RESULTS))
     parser.add_argument("--merge", action="store_true",
                         help="keep the rows of an earlier sweep.csv in --out-dir, replacing the points measured now")
@@ -214,7 +215,8 @@ def main(argv=None) -> int:
     if not (args.grpc_url or args.http_url):
         http, grpc, metrics = server.free_ports(3)
         opts = server.ServerOptions(Path(args.model_repository), http, grpc, metrics,
-                                    cache_bytes=int(args.cache_size_mb * 2**20))
+                                    cache_bytes=int(args.cache_size_mb * 2**20),
+                                    embedding_cache_mb=args.cache_size_mb)
         proc = server.start(opts, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         server.wait_ready(proc, http)
         args.grpc_url, args.http_url = f"127.0.0.1:{grpc}", f"127.0.0.1:{http}"

@@ -126,6 +126,8 @@ def serving_options(args):
         everything_instances=args.everything_instances,
         everything_decoder_prompts=args.everything_decoder_prompts,
         everything_decoder_window=args.everything_decoder_window,
+        embedding_cache_mb=args.embedding_cache_mb,
+        encoder_response_cache=args.encoder_response_cache or None,
         **step_runtimes(args),
         limits=Limits(max_image_bytes=args.max_image_bytes, max_pixels=args.max_pixels, max_boxes=args.max_boxes,
                       max_points=args.max_points),
@@ -269,6 +271,7 @@ def cmd_serve(args) -> int:
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
         cache_bytes=int(args.cache_size_mb * 1024 * 1024),
+        embedding_cache_mb=args.embedding_cache_mb,
         log_verbose=args.log_verbose,
         **({"admin_header": f"samtriton-admin-key:{os.environ['SAMTRITON_ADMIN_KEY']}"}
            if os.environ.get("SAMTRITON_ADMIN_KEY") else {}),
@@ -594,6 +597,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--everything-decoder-window", type=int,
                    help="decoder requests sam_everything keeps in flight (2 overlaps its filtering with the "
                         f"decoder, 1 keeps the decoder's queue short); default {defaults.everything_decoder_window}")
+    p.add_argument("--embedding-cache-mb", type=int,
+                   help="the embedding cache of each variant, in MiB (an embedding is 4 MiB; 0: off); default "
+                        f"{defaults.embedding_cache_mb}")
+    p.add_argument("--encoder-response-cache", action="store_true",
+                   help="also enable Triton's response cache on the image encoders (keyed by the 12 MB encoder "
+                        "input; sized by `samtriton serve --cache-size-mb`)")
     p.add_argument("--max-image-bytes", type=int, default=defaults.limits.max_image_bytes)
     p.add_argument("--max-pixels", type=int, default=defaults.limits.max_pixels)
     p.add_argument("--max-boxes", type=int, default=defaults.limits.max_boxes,
@@ -614,7 +623,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument("--cache-size-mb", type=float, default=server_defaults.DEFAULT_CACHE_BYTES / 2**20,
-                   help="Triton response cache for image embeddings, in MiB (0: off)")
+                   help="Triton's response cache, in MiB (0: off); used by repositories built with "
+                        "--encoder-response-cache (the embedding cache is the image_embedding models' own)")
+    p.add_argument("--embedding-cache-mb", type=float,
+                   help="embedding cache per variant, in MiB (0: off), instead of the size the repository was "
+                        "built with")
     p.add_argument("--log-verbose", type=int, default=0)
     p.set_defaults(func=cmd_serve)
 

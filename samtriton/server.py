@@ -33,8 +33,9 @@ UNREADY_EXIT_CODE = 3
 # an encoder input is 12 MB, a request's full-size masks can be tens of MB.
 SHM_DEFAULT_BYTES = 16 * 1024 * 1024
 SHM_GROWTH_BYTES = 16 * 1024 * 1024
-# Triton's response cache (the image encoder's embeddings, ~4 MiB each for
-# SAM-family models): 256 MiB holds about 60 images.
+# Triton's response cache, for repositories built with --encoder-response-cache
+# (the image encoders' outputs, ~4 MiB each): 256 MiB holds about 60 images.
+# The embedding cache `sam` uses is the image_embedding models' own.
 DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
 
 
@@ -92,6 +93,8 @@ class ServerOptions:
     admin_header: str = field(default_factory=lambda: f"samtriton-admin-key:{secrets.token_hex(16)}")
     exit_timeout_s: int = EXIT_TIMEOUT_S
     cache_bytes: int = DEFAULT_CACHE_BYTES  # 0: no response cache
+    # Overrides the repository's embedding cache size (MiB, 0: off); None keeps it.
+    embedding_cache_mb: float | None = None
     log_verbose: int = 0
     extra_args: tuple[str, ...] = ()
     # An installed Triton tree (bin/, backends/, caches/), e.g. /opt/tritonserver
@@ -150,6 +153,8 @@ def _die_with_parent():
 def start(opts: ServerOptions, stdout=None, stderr=None) -> subprocess.Popen:
     env = dict(os.environ) if opts.triton_home else server_env()
     env[spec.DRAIN_FILE_ENV] = str(opts.drain_file)  # the python stubs inherit it
+    if opts.embedding_cache_mb is not None:
+        env[spec.EMBEDDING_CACHE_MB_ENV] = f"{opts.embedding_cache_mb:g}"
     opts.drain_file.unlink(missing_ok=True)
     return subprocess.Popen(
         server_command(opts),
@@ -173,9 +178,10 @@ def in_flight_from_metrics(text: str) -> tuple[int, tuple[int, ...]]:
     model's per-request error responses as successes, so: requests that got
     through a preprocess (its successes less its own error responses, from
     samtriton's counter) less those that ended since: in the postprocess, as a
-    successful `sam_encode*` (which ends at the encoder), or with an error in
-    an encoder or decoder (Triton's failures, e.g. queue-full rejections, and
-    the python models' error responses).  A request still inside the
+    successful `sam_encode*` (which ends at the image embedding), or with an
+    error in the image embedding or decoder (Triton's failures, e.g.
+    queue-full rejections, and the python models' error responses; an
+    encoder's errors reach its requests through the image embedding).  A request still inside the
     preprocess is not counted; callers watch the counters over a short interval.
     `sam_everything` requests are counted by that model's own gauge.
     """
@@ -199,7 +205,7 @@ def in_flight_from_metrics(text: str) -> tuple[int, tuple[int, ...]]:
     finished = (
         count(ok, spec.POSTPROCESS) + count(failed, spec.POSTPROCESS)
         + count(ok, spec.ENCODE_ENSEMBLE)
-        + sum(count(failed, role) + count(errors, role) for role in (spec.IMAGE_ENCODER, spec.MASK_DECODER))
+        + sum(count(failed, role) + count(errors, role) for role in (spec.IMAGE_EMBEDDING, spec.MASK_DECODER))
     )
     everything = count(spec.EVERYTHING_IN_FLIGHT_METRIC, spec.EVERYTHING)
     return max(0, entered - finished) + everything, (entered, finished, count(ok, spec.ENSEMBLE),

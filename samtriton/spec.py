@@ -21,13 +21,16 @@ from dataclasses import dataclass
 ENSEMBLE = "sam"
 ENCODE_ENSEMBLE = "sam_encode"  # preprocess + encoder only: returns the embedding
 PREPROCESS = "preprocess"
+# The image's embedding from the embedding cache, or from the encoder on a miss
+# (python model: decode, resize, normalise, then the image_encoder through BLS).
+IMAGE_EMBEDDING = "image_embedding"
 IMAGE_ENCODER = "image_encoder"
 MASK_DECODER = "mask_decoder"
 POSTPROCESS = "postprocess"
 # Segment everything: a python model that drives the encoder and the decoder
 # through Triton's BLS API (a grid of point prompts, filtered as upstream).
 EVERYTHING = "sam_everything"
-ROLES = (ENSEMBLE, ENCODE_ENSEMBLE, PREPROCESS, IMAGE_ENCODER, MASK_DECODER, POSTPROCESS, EVERYTHING)
+ROLES = (ENSEMBLE, ENCODE_ENSEMBLE, PREPROCESS, IMAGE_EMBEDDING, IMAGE_ENCODER, MASK_DECODER, POSTPROCESS, EVERYTHING)
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class ModelNames:
     ensemble: str
     encode_ensemble: str
     preprocess: str
+    image_embedding: str
     image_encoder: str
     mask_decoder: str
     postprocess: str
@@ -52,6 +56,7 @@ def model_names(slug: str) -> ModelNames:
         ensemble=f"{ENSEMBLE}_{slug}",
         encode_ensemble=f"{ENCODE_ENSEMBLE}_{slug}",
         preprocess=f"{slug}_{PREPROCESS}",
+        image_embedding=f"{slug}_{IMAGE_EMBEDDING}",
         image_encoder=f"{slug}_{IMAGE_ENCODER}",
         mask_decoder=f"{slug}_{MASK_DECODER}",
         postprocess=POSTPROCESS,
@@ -62,8 +67,8 @@ def model_names(slug: str) -> ModelNames:
 def default_names(slug: str) -> ModelNames:
     """The aliases: `sam` / `sam_encode` / `sam_everything` over the default variant's steps."""
     names = model_names(slug)
-    return ModelNames(ENSEMBLE, ENCODE_ENSEMBLE, names.preprocess, names.image_encoder, names.mask_decoder,
-                      POSTPROCESS, EVERYTHING)
+    return ModelNames(ENSEMBLE, ENCODE_ENSEMBLE, names.preprocess, names.image_embedding, names.image_encoder,
+                      names.mask_decoder, POSTPROCESS, EVERYTHING)
 
 
 def role_of(model_name: str) -> str | None:
@@ -74,7 +79,7 @@ def role_of(model_name: str) -> str | None:
         return EVERYTHING
     if model_name == POSTPROCESS:
         return POSTPROCESS
-    for role in (PREPROCESS, IMAGE_ENCODER, MASK_DECODER):
+    for role in (PREPROCESS, IMAGE_EMBEDDING, IMAGE_ENCODER, MASK_DECODER):
         if model_name.endswith("_" + role):
             return role
     if model_name == ENSEMBLE or model_name.startswith(ENSEMBLE + "_"):
@@ -227,6 +232,14 @@ EVERYTHING_SECONDS_METRIC = "samtriton_everything_seconds_total"
 # Gauge of `sam_everything` (labels `model`, `instance`): requests being served,
 # which the shutdown drain waits for (they pass no preprocess).
 EVERYTHING_IN_FLIGHT_METRIC = "samtriton_everything_in_flight"
+# Counter of the `image_embedding` models (labels `model`, `event`): embedding
+# cache hits, misses, requests that waited for another request's miss of the
+# same image (`shared`), and evictions; and a gauge of the bytes it holds.
+EMBEDDING_CACHE_EVENTS_METRIC = "samtriton_embedding_cache_events_total"
+EMBEDDING_CACHE_BYTES_METRIC = "samtriton_embedding_cache_bytes"
+# Environment variable that, when set, overrides every image_embedding model's
+# embedding_cache_mb (`samtriton serve --embedding-cache-mb`; 0 turns it off).
+EMBEDDING_CACHE_MB_ENV = "SAMTRITON_EMBEDDING_CACHE_MB"
 # Environment variable naming a file whose existence tells the preprocess
 # that the server is draining: new requests are refused with UNAVAILABLE.
 DRAIN_FILE_ENV = "SAMTRITON_DRAIN_FILE"
@@ -270,10 +283,11 @@ def model_io(encoder_size: int) -> dict[str, ModelIO]:
         ENCODE_ENSEMBLE: ModelIO(
             inputs=(IMAGE,), outputs=(IMAGE_GEOMETRY, image_embeddings(batched=False))
         ),
-        PREPROCESS: ModelIO(
-            inputs=(IMAGE, *PROMPT_INPUTS),
-            outputs=(pixel_values(encoder_size, batched=False), IMAGE_GEOMETRY, *prompts),
-        ),
+        PREPROCESS: ModelIO(inputs=(IMAGE, *PROMPT_INPUTS), outputs=(IMAGE_GEOMETRY, *prompts)),
+        # The geometry is an input so that the step runs after the preprocess
+        # accepted the request (a bad one never reaches the encoder), and the
+        # decoded image is checked against it.
+        IMAGE_EMBEDDING: ModelIO(inputs=(IMAGE, IMAGE_GEOMETRY), outputs=(image_embeddings(batched=False),)),
         IMAGE_ENCODER: ModelIO(
             inputs=(pixel_values(encoder_size, batched=True),),
             outputs=(image_embeddings(batched=True),),
@@ -298,13 +312,12 @@ def ensemble_steps(role: str, names: ModelNames, encoder_size: int) -> list[tupl
     if role == ENSEMBLE:
         return [
             (names.of(r), {t.name: t.name for t in io[r].inputs}, {t.name: t.name for t in io[r].outputs})
-            for r in (PREPROCESS, IMAGE_ENCODER, MASK_DECODER, POSTPROCESS)
+            for r in (PREPROCESS, IMAGE_EMBEDDING, MASK_DECODER, POSTPROCESS)
         ]
     if role == ENCODE_ENSEMBLE:
         return [
-            (names.preprocess, {IMAGE.name: IMAGE.name},
-             {PIXEL_VALUES_NAME: PIXEL_VALUES_NAME, IMAGE_GEOMETRY.name: IMAGE_GEOMETRY.name}),
-            (names.image_encoder, {PIXEL_VALUES_NAME: PIXEL_VALUES_NAME},
+            (names.preprocess, {IMAGE.name: IMAGE.name}, {IMAGE_GEOMETRY.name: IMAGE_GEOMETRY.name}),
+            (names.image_embedding, {t.name: t.name for t in io[IMAGE_EMBEDDING].inputs},
              {IMAGE_EMBEDDINGS_NAME: IMAGE_EMBEDDINGS_NAME}),
         ]
     raise KeyError(role)

@@ -95,6 +95,21 @@ class RunningServer:
     def log_tail(self, n: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-n:]
 
+    def embedding_cache_events(self, model: str) -> dict[str, int]:
+        """`model`'s embedding-cache counters (hit, miss, shared, eviction) from the metrics endpoint."""
+        import re
+        import urllib.request
+
+        from samtriton import spec
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        events = {"hit": 0, "miss": 0, "shared": 0, "eviction": 0}
+        for line in text.splitlines():
+            if line.startswith(spec.EMBEDDING_CACHE_EVENTS_METRIC + "{") and f'model="{model}"' in line:
+                events[re.search(r'event="(\w+)"', line).group(1)] = int(float(line.rsplit(" ", 1)[1]))
+        return events
+
 
 @pytest.fixture(scope="session")
 def triton_server(built_repository, tmp_path_factory):

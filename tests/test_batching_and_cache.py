@@ -15,6 +15,7 @@ from samtriton.client import AsyncSamClient, InvalidInputError, SamClient
 from samtriton.client.errors import from_triton
 from samtriton.sample_image import sample_scene
 from samtriton.serving.pipeline import InProcessPipeline
+from samtriton.variants import get_variant
 from tests.conftest import encode, mask_iou, random_boxes
 
 pytestmark = pytest.mark.integration
@@ -22,6 +23,7 @@ pytestmark = pytest.mark.integration
 # The default variant's steps (the test repository's `sam`).
 ENCODER = spec.model_names("mobilesam").image_encoder
 DECODER = spec.model_names("mobilesam").mask_decoder
+EMBEDDING = spec.model_names("mobilesam").image_embedding
 
 CONCURRENCY = 16
 
@@ -58,6 +60,16 @@ def _settled_delta(server, model, before, expect: dict, timeout_s: float = 5.0):
         time.sleep(0.05)
 
 
+def _settled_events(server, model, before, expect: dict, timeout_s: float = 5.0):
+    """The change in `model`'s embedding-cache counters since `before`, once it shows `expect`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        delta = _delta(server.embedding_cache_events(model), before)
+        if all(delta[k] == v for k, v in expect.items()) or time.monotonic() > deadline:
+            return delta
+        time.sleep(0.05)
+
+
 def _workload(n: int, seed: int):
     """n distinct images (never served before: seeds of their own) with 1..n boxes each."""
     work = []
@@ -86,12 +98,15 @@ def _assert_same_as_alone(results, work, pipeline):
 def test_concurrent_clients_are_batched_and_get_their_own_masks(triton_server, pipeline):
     work = _workload(CONCURRENCY, seed=1000)
     enc0, dec0 = _stats(triton_server, ENCODER), _stats(triton_server, DECODER)
+    events0 = triton_server.embedding_cache_events(EMBEDDING)
     with SamClient(triton_server.grpc_url) as client:
         results = client.segment_many(work, concurrency=CONCURRENCY)
     enc = _settled_delta(triton_server, ENCODER, enc0, {"inference_count": CONCURRENCY})
     dec = _settled_delta(triton_server, DECODER, dec0, {"inference_count": CONCURRENCY})
-    print(f"\n{ENCODER}: {enc}\n{DECODER}: {dec}")
-    assert enc["inference_count"] == CONCURRENCY and enc["cache_miss"] == CONCURRENCY
+    events = _settled_events(triton_server, EMBEDDING, events0, {"miss": CONCURRENCY})
+    print(f"\n{ENCODER}: {enc}\n{DECODER}: {dec}\n{EMBEDDING}: {events}")
+    assert enc["inference_count"] == CONCURRENCY
+    assert events["miss"] == CONCURRENCY and events["hit"] == 0
     assert enc["execution_count"] < enc["inference_count"]  # several images per encoder call
     assert dec["inference_count"] == CONCURRENCY
     assert dec["execution_count"] < dec["inference_count"]  # several requests per decoder call
@@ -104,7 +119,7 @@ def test_async_client_at_concurrency_16_hits_the_cache(triton_server, pipeline):
         for image, boxes in work:  # warm the cache, one image at a time
             client.segment(image, boxes)
     repeated = [(image, boxes[:1] + k) for k in range(4) for image, boxes in work]  # new boxes, same images
-    enc0 = _stats(triton_server, ENCODER)
+    enc0, events0 = _stats(triton_server, ENCODER), triton_server.embedding_cache_events(EMBEDDING)
 
     async def run(protocol):
         async with AsyncSamClient(triton_server.url(protocol), protocol=protocol) as client:
@@ -115,9 +130,10 @@ def test_async_client_at_concurrency_16_hits_the_cache(triton_server, pipeline):
         results = asyncio.run(run(protocol))
         assert len(results) == len(repeated)
         _assert_same_as_alone(results[:4], repeated[:4], pipeline)
-    enc = _settled_delta(triton_server, ENCODER, enc0, {"cache_hit": 2 * len(repeated)})
-    print(f"\n{ENCODER} over {2 * len(repeated)} cached requests: {enc}")
-    assert enc["cache_hit"] == 2 * len(repeated)
+    events = _settled_events(triton_server, EMBEDDING, events0, {"hit": 2 * len(repeated)})
+    enc = _delta(_stats(triton_server, ENCODER), enc0)
+    print(f"\n{EMBEDDING} over {2 * len(repeated)} cached requests: {events}; {ENCODER}: {enc}")
+    assert events["hit"] == 2 * len(repeated) and events["miss"] == 0
     assert enc["inference_count"] == 0 and enc["execution_count"] == 0
 
 
@@ -125,12 +141,13 @@ def test_encode_then_decode_runs_the_encoder_once(triton_server):
     scene, boxes = sample_scene(600, 400, seed=3000)
     image = encode(scene, "PNG")
     with SamClient(triton_server.grpc_url) as client:
-        before = _stats(triton_server, ENCODER)
+        before, events0 = _stats(triton_server, ENCODER), triton_server.embedding_cache_events(EMBEDDING)
         encoded = client.encode(image)
         assert (encoded.height, encoded.width) == (400, 600) and encoded.embeddings is None
         results = [client.decode(encoded, boxes[i : i + 2]) for i in range(0, 6, 2)]
-        enc = _settled_delta(triton_server, ENCODER, before, {"cache_hit": 3})
-        assert enc["inference_count"] == 1 and enc["cache_miss"] == 1 and enc["cache_hit"] == 3
+        events = _settled_events(triton_server, EMBEDDING, events0, {"hit": 3})
+        enc = _delta(_stats(triton_server, ENCODER), before)
+        assert enc["inference_count"] == 1 and events["miss"] == 1 and events["hit"] == 3
         full = client.segment(image, boxes[:6])
         with_embedding = client.encode(image, return_embeddings=True)
     assert with_embedding.embeddings.shape == (1, 256, 64, 64)
@@ -266,14 +283,16 @@ def test_mixed_prompt_kinds_share_decoder_calls_and_get_their_own_masks(triton_s
         for image in images:
             client.encode(image)
     enc0, dec0 = _stats(triton_server, ENCODER), _stats(triton_server, DECODER)
+    events0 = triton_server.embedding_cache_events(EMBEDDING)
     with SamClient(triton_server.grpc_url) as client:
         results = client.segment_many(work, concurrency=CONCURRENCY)
     dec = _settled_delta(triton_server, DECODER, dec0, {"inference_count": CONCURRENCY})
-    enc = _settled_delta(triton_server, ENCODER, enc0, {"cache_hit": CONCURRENCY})
-    print(f"\n{DECODER} over {CONCURRENCY} mixed requests: {dec}; {ENCODER}: {enc}")
+    events = _settled_events(triton_server, EMBEDDING, events0, {"hit": CONCURRENCY})
+    enc = _delta(_stats(triton_server, ENCODER), enc0)
+    print(f"\n{DECODER} over {CONCURRENCY} mixed requests: {dec}; {EMBEDDING}: {events}")
     assert dec["inference_count"] == CONCURRENCY
     assert dec["execution_count"] < dec["inference_count"]  # several kinds per decoder call
-    assert enc["cache_hit"] == CONCURRENCY and enc["inference_count"] == 0
+    assert events["hit"] == CONCURRENCY and enc["inference_count"] == 0
     for result, (image, kwargs) in zip(results, work):
         multi = kwargs.get("multimask", False)
         masks, scores = pipeline.segment(image, kwargs.get("boxes"), points=kwargs.get("points"),
@@ -282,3 +301,49 @@ def test_mixed_prompt_kinds_share_decoder_calls_and_get_their_own_masks(triton_s
         assert result.masks.shape == masks.shape and result.multimask == multi
         np.testing.assert_allclose(result.scores, scores, atol=1e-5)
         assert mask_iou(result.masks.reshape(-1, *masks.shape[-2:]), masks.reshape(-1, *masks.shape[-2:])).min() >= 0.999
+
+
+def test_concurrent_requests_for_one_new_image_run_the_encoder_once(triton_server, pipeline):
+    scene, boxes = sample_scene(520, 360, seed=6100)
+    image = encode(scene, "JPEG", quality=90)
+    work = [(image, boxes[i:i + 1]) for i in range(6)]
+    enc0, events0 = _stats(triton_server, ENCODER), triton_server.embedding_cache_events(EMBEDDING)
+    with SamClient(triton_server.grpc_url) as client:
+        results = client.segment_many(work, concurrency=len(work))
+    events = _settled_events(triton_server, EMBEDDING, events0, {"miss": 1})
+    enc = _settled_delta(triton_server, ENCODER, enc0, {"inference_count": 1})
+    print(f"\n6 concurrent requests, one new image: {EMBEDDING} {events}; {ENCODER} {enc}")
+    assert enc["inference_count"] == 1
+    assert events["miss"] == 1 and events["shared"] + events["hit"] == len(work) - 1
+    _assert_same_as_alone(results, work, pipeline)
+
+
+def test_a_cached_image_does_not_wait_behind_a_new_one(triton_server):
+    """A request on a cached image is answered while a new image's encoder run
+    (ViT-B: seconds on 2 cores) is under way in the same image_embedding model."""
+    vit_b = spec.model_names(get_variant("sam-vit-b").slug).image_embedding
+    cached = encode(sample_scene(400, 300, seed=6200)[0], "PNG")
+    new = encode(sample_scene(400, 300, seed=6201)[0], "PNG")
+    box = [[40.0, 30.0, 300.0, 240.0]]
+    with SamClient(triton_server.grpc_url, model="sam-vit-b") as client:
+        client.segment(cached, box)
+        events0 = triton_server.embedding_cache_events(vit_b)
+        miss_done = threading.Event()
+
+        def miss():
+            with SamClient(triton_server.grpc_url, model="sam-vit-b") as own:
+                own.segment(new, box)
+            miss_done.set()
+
+        thread = threading.Thread(target=miss)
+        thread.start()
+        assert _settled_events(triton_server, vit_b, events0, {"miss": 1}, timeout_s=30)["miss"] == 1
+        started = time.perf_counter()
+        hit = client.segment(cached, box)
+        hit_s = time.perf_counter() - started
+        answered_first = not miss_done.is_set()
+        thread.join(timeout=120)
+    print(f"\ncached-image request beside a new image's ViT-B encoder run: {hit_s * 1000:.0f} ms")
+    assert answered_first and len(hit.scores) == 1
+    assert miss_done.is_set()
+    assert _delta(triton_server.embedding_cache_events(vit_b), events0)["hit"] == 1

@@ -131,7 +131,17 @@ def test_batching_and_cache_settings():
     ragged = {t.name: t.allow_ragged_batch for t in dec.input}
     assert ragged == {"image_embeddings": False, "prompt_coords": True, "prompt_labels": True,
                       "model_mask_inputs": True, "has_mask_input": True}
-    assert cfgs[NAMES.image_encoder].response_cache.enable
+    # The embedding cache is image_embedding's: one instance (one cache), its size and
+    # the encoder it calls on a miss; Triton's response cache on the encoder is off.
+    emb = cfgs[NAMES.image_embedding]
+    emb_params = {k: v.string_value for k, v in emb.parameters.items()}
+    assert [g.count for g in emb.instance_group] == [1] and emb.max_batch_size == 0
+    assert (emb_params["embedding_cache_mb"], emb_params["image_encoder"]) == ("256", NAMES.image_encoder)
+    assert not cfgs[NAMES.image_encoder].response_cache.enable
+    sized = model_configs([VARIANT], {VARIANT.name: TEMPLATE_WEIGHTS},
+                          ServingOptions(embedding_cache_mb=0, encoder_response_cache=True))
+    assert sized[NAMES.image_embedding].parameters["embedding_cache_mb"].string_value == "0"
+    assert sized[NAMES.image_encoder].response_cache.enable
     optional = {t.name: t.optional for t in cfgs[NAMES.preprocess].input}
     assert optional == {"image": False, "boxes": True, "points": True, "point_labels": True, "mask_inputs": True}
     # The CPU preprocess pads prompts per request; the limits reach it.
@@ -168,8 +178,9 @@ def test_zoo_repository_names_and_frames():
         assert pre["encoder_size"].string_value == str(v.encoder_size)
         assert pre["prompt_size"].string_value == str(spec.PROMPT_SIZE)
         steps = [s.model_name for s in cfgs[v.ensemble].ensemble_scheduling.step]
-        assert steps == [names.preprocess, names.image_encoder, names.mask_decoder, spec.POSTPROCESS]
-        for name in (v.ensemble, names.preprocess, names.image_encoder, names.mask_decoder):
+        assert steps == [names.preprocess, names.image_embedding, names.mask_decoder, spec.POSTPROCESS]
+        assert cfgs[names.image_embedding].parameters["image_encoder"].string_value == names.image_encoder
+        for name in (v.ensemble, names.preprocess, names.image_embedding, names.image_encoder, names.mask_decoder):
             assert cfgs[name].parameters["weights"].string_value == f"weights of {v.name}"
     sizes = {v.name: v.encoder_size for v in ALL_VARIANTS}
     assert sizes["efficientvit-sam-l0"] == sizes["efficientvit-sam-l2"] == 512

@@ -169,15 +169,18 @@ def test_bad_parameters_name_the_parameter(triton_server, protocol):
         assert len(c.segment_everything(IMAGE, **dict(KEEP_ALL, points_per_side=2))) == 12
 
 
-def test_encoder_cache_and_decoder_batching(triton_server):
-    """A second request on the same image runs no encoder; two at once share decoder executions."""
+def test_embedding_cache_and_decoder_batching(triton_server):
+    """A second request on the same image runs no encoder (the embedding cache `sam`
+    shares); two at once share decoder executions."""
     image = _png(21)
     params = dict(KEEP_ALL, points_per_side=6)
     encoder = spec.model_names("mobilesam").image_encoder
     decoder = spec.model_names("mobilesam").mask_decoder
+    embedding = spec.model_names("mobilesam").image_embedding
     with SamClient(triton_server.grpc_url) as c:
         first = c.segment_everything(image, **params)
         enc_before, dec_before = _stats(triton_server, encoder), _stats(triton_server, decoder)
+        events_before = triton_server.embedding_cache_events(embedding)
         results = [None, None]
 
         def run(i):
@@ -190,8 +193,9 @@ def test_encoder_cache_and_decoder_batching(triton_server):
         for t in threads:
             t.join()
     enc_after, dec_after = _stats(triton_server, encoder), _stats(triton_server, decoder)
+    events = triton_server.embedding_cache_events(embedding)
     assert enc_after["execution_count"] == enc_before["execution_count"]
-    assert enc_after["cache_hit"] == enc_before["cache_hit"] + 2
+    assert events["hit"] == events_before["hit"] + 2 and events["miss"] == events_before["miss"]
     requests = dec_after["inference_count"] - dec_before["inference_count"]
     executions = dec_after["execution_count"] - dec_before["execution_count"]
     # 36 points in requests of 8 prompts: 5 per everything-request.

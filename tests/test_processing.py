@@ -139,14 +139,16 @@ def test_shutdown_drain_counts_requests_in_the_ensembles():
         return "\n".join(lines)
 
     # 6 through preprocess, 1 of them refused there; 2 finished in postprocess,
-    # 1 sam_encode done, 1 rejected by the encoder's full queue: 1 in flight.
+    # 1 sam_encode done, 1 failed in the image embedding: 1 in flight.
     busy, _ = in_flight_from_metrics(metrics(
         mobilesam_preprocess__ok=6, mobilesam_preprocess__errors=1, postprocess__ok=2,
-        sam_encode__ok=1, mobilesam_image_encoder__failed_rejected=1))
+        sam_encode__ok=1, mobilesam_image_embedding__failed_rejected=1))
     assert busy == 1
-    # Error responses of the python encoder end requests too.
+    # Error responses of the image embedding (e.g. the encoder's queue was full) end requests too;
+    # the encoder's own failures reach them that way and are not counted twice.
     assert in_flight_from_metrics(metrics(
-        mobilesam_preprocess__ok=3, postprocess__ok=2, mobilesam_image_encoder__errors=1))[0] == 0
+        mobilesam_preprocess__ok=3, postprocess__ok=2, mobilesam_image_embedding__errors=1,
+        mobilesam_image_encoder__failed_rejected=1))[0] == 0
     # Several variants add up; the metric families Triton lists without a model are ignored.
     two, _ = in_flight_from_metrics(metrics(
         mobilesam_preprocess__ok=2, vit_b_preprocess__ok=3, postprocess__ok=2, sam_encode_vit_b__ok=1)

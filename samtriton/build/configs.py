@@ -33,9 +33,16 @@ class ServingOptions:
     encoder_max_batch_size: int = 4
     encoder_queue_delay_us: int = 2000
     encoder_preferred_batch_sizes: tuple[int, ...] = ()
-    # Triton's response cache on the encoder: a repeated image skips it.  The
-    # server's --cache-config bounds its size in bytes.
-    encoder_response_cache: bool = True
+    # The embedding cache of `image_embedding` (the `sam` and `sam_encode`
+    # ensembles): keyed by the encoded image, LRU, this many MiB per variant
+    # (an embedding is 4 MiB).  0: no cache.
+    embedding_cache_mb: int = 256
+    # Threads that decode, resize and normalise images on embedding-cache misses.
+    embedding_decode_threads: int = 2
+    # Triton's response cache on the encoder itself (keyed by the 12 MB encoder
+    # input; the server's --cache-config bounds it).  Off: `image_embedding`
+    # caches the embeddings; sam_everything's crops are rarely repeated.
+    encoder_response_cache: bool = False
     encoder_instances: int = 1
     # Requests with different prompt counts and kinds share a decoder call (ragged batching).
     decoder_max_batch_size: int = 16
@@ -89,6 +96,7 @@ class ServingOptions:
         if target == "gpu":
             base.update(encoder_max_batch_size=8, encoder_queue_delay_us=1000, encoder_preferred_batch_sizes=(4, 8),
                         decoder_max_batch_size=4, decoder_queue_delay_us=500, preprocess_instances=4,
+                        embedding_decode_threads=4,
                         postprocess_instances=4, encoder_max_queue_size=128, decoder_max_queue_size=128,
                         queue_timeout_s=10.0)
         base.update({k: v for k, v in overrides.items() if v is not None})
@@ -192,7 +200,8 @@ def _everything(name: str, names: spec.ModelNames, variant: ModelVariant, weight
     cfg = _python_model(name, variant, weights, io[spec.EVERYTHING], options.everything_instances)
     pad_tokens = spec.gpu_prompt_tokens(options.limits.max_points) if options.target == "gpu" else 0
     settings = PreprocessSettings.for_variant(variant, options.limits, pad_tokens).to_parameters()
-    settings.update(image_encoder=names.image_encoder, mask_decoder=names.mask_decoder,
+    settings.update(image_encoder=names.image_encoder, image_embedding=names.image_embedding,
+                    mask_decoder=names.mask_decoder,
                     decoder_request_prompts=str(options.everything_decoder_prompts),
                     decoder_window=str(options.everything_decoder_window))
     for key, value in settings.items():
@@ -216,7 +225,8 @@ def _ensemble(name: str, role: str, names: spec.ModelNames, variant: ModelVarian
 
 def variant_configs(variant: ModelVariant, weights: WeightsInfo, options: ServingOptions,
                     steps: VariantSteps | None = None) -> list[mc.ModelConfig]:
-    """One variant's preprocess, encoder, decoder and its two ensembles; `steps`:
+    """One variant's preprocess, image embedding, encoder, decoder, its two
+    ensembles and sam_everything; `steps`:
     the CPU runtimes a build chose and gated (None: the options', unchecked)."""
     io = spec.model_io(variant.encoder_size)
     names = spec.model_names(variant.slug)
@@ -224,8 +234,15 @@ def variant_configs(variant: ModelVariant, weights: WeightsInfo, options: Servin
     pre = _python_model(names.preprocess, variant, weights, io[spec.PREPROCESS], options.preprocess_instances)
     # TensorRT's flat ragged prompts need one token count for every prompt.
     pad_tokens = spec.gpu_prompt_tokens(options.limits.max_points) if options.target == "gpu" else 0
-    for key, value in PreprocessSettings.for_variant(variant, options.limits, pad_tokens).to_parameters().items():
+    settings = PreprocessSettings.for_variant(variant, options.limits, pad_tokens).to_parameters()
+    for key, value in settings.items():
         pre.parameters[key].string_value = value
+    # One instance: one cache for every request (it answers them concurrently).
+    emb = _python_model(names.image_embedding, variant, weights, io[spec.IMAGE_EMBEDDING], instances=1)
+    settings.update(image_encoder=names.image_encoder, embedding_cache_mb=str(options.embedding_cache_mb),
+                    decode_threads=str(options.embedding_decode_threads))
+    for key, value in settings.items():
+        emb.parameters[key].string_value = value
 
     if options.target == "gpu":
         enc, dec = _tensorrt_encoder(names, variant, weights, io, options), _tensorrt_decoder(
@@ -261,7 +278,7 @@ def variant_configs(variant: ModelVariant, weights: WeightsInfo, options: Servin
 
     ensembles = [_ensemble(names.of(role), role, names, variant, weights)
                  for role in (spec.ENSEMBLE, spec.ENCODE_ENSEMBLE)]
-    return [*ensembles, pre, enc, dec, _everything(names.everything, names, variant, weights, options)]
+    return [*ensembles, pre, emb, enc, dec, _everything(names.everything, names, variant, weights, options)]
 
 
 def model_configs(

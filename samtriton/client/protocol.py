@@ -28,7 +28,7 @@ class EncodedImage:
     """An image whose embedding the server has computed (and cached).
 
     Holds the encoded file, not the 4 MB embedding: decoding sends the file
-    again and the server's encoder answers from its response cache.
+    again and the server answers from its embedding cache (keyed by the file's bytes).
     `embeddings` is filled only when asked for (`encode(..., return_embeddings=True)`).
     """
 
@@ -212,7 +212,7 @@ _PROBE_BOX = np.array([[0.0, 0.0, 1.0, 1.0]], dtype=np.float32)
 
 def encode_request(module, image_bytes: bytes, return_embeddings: bool, segment_model: str, encode_model: str):
     """(model, inputs, requested outputs, parameters) of a request that runs the
-    image encoder, so that its response cache holds this image's embedding.
+    image encoder, so that the embedding cache holds this image's embedding.
 
     With `return_embeddings`: `sam_encode`, asking for the 4 MB embedding.
     Without: Triton's ensemble skips steps whose outputs nobody asked for, so a

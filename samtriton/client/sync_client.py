@@ -27,7 +27,7 @@ class SamClient(proto.ClientSettings):
 
     Interactive use, one image and many prompts: `encoded = client.encode(image)`
     once, then `client.decode(encoded, points=..., ...)` per click; the server
-    answers the image encoder from its response cache.  Feed an answer back
+    answers from its embedding cache, so a click costs the decoder.  Feed an answer back
     with `mask_input=previous.low_res_logits[:, 0]` (asked for with
     `return_low_res_logits=True`).
     """

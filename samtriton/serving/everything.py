@@ -76,7 +76,7 @@ class Crop:
     box: list[int]  # xyxy in image pixels
     layer: int
     geometry: Geometry
-    pixel_values: np.ndarray
+    pixel_values: np.ndarray | None  # None: the whole image, embedded by `encode_image`
 
 
 def point_prompts(points: np.ndarray, geometry: Geometry, pad_tokens: int = 0) -> Prompts:
@@ -100,7 +100,9 @@ def _slice(prompts: Prompts, part: slice) -> Prompts:
     return Prompts(prompts.coords[part], prompts.labels[part], prompts.mask_inputs, has_mask)
 
 
-def _crops(rgb: np.ndarray, boxes, params: am.GeneratorParameters, settings: PreprocessSettings) -> list[Crop]:
+def _crops(rgb: np.ndarray, boxes, params: am.GeneratorParameters, settings: PreprocessSettings,
+           whole_image_pixels: bool = True) -> list[Crop]:
+    """The crops to encode; the whole image's without pixels unless `whole_image_pixels`."""
     h, w = rgb.shape[:2]
     layout = [([0, 0, w, h], 0)] if boxes is not None else am.crop_boxes(h, w, params.crop_n_layers,
                                                                           params.crop_overlap_ratio)
@@ -110,8 +112,10 @@ def _crops(rgb: np.ndarray, boxes, params: am.GeneratorParameters, settings: Pre
         part = rgb[y0:y1, x0:x1]
         ch, cw = part.shape[:2]
         geometry = Geometry(ch, cw, *resized_shape(ch, cw, settings.prompt_size))
-        pixels = normalise_and_pad(resize_longest_side(part, settings.encoder_size), settings.encoder_size,
-                                   settings.pixel_mean, settings.pixel_std)
+        pixels = None
+        if whole_image_pixels or (ch, cw) != (h, w):
+            pixels = normalise_and_pad(resize_longest_side(part, settings.encoder_size), settings.encoder_size,
+                                       settings.pixel_mean, settings.pixel_std)
         crops.append(Crop(box, layer, geometry, pixels))
     return crops
 
@@ -149,11 +153,13 @@ async def _decode_crop(crop: Crop, embedding, prompts: Prompts, multimask: bool,
 
 async def segment_everything(image_bytes: bytes, boxes: np.ndarray | None, params: am.GeneratorParameters,
                              settings: EverythingSettings, encode, decode, cancelled=lambda: False,
-                             timings: Timings | None = None) -> am.Masks:
+                             timings: Timings | None = None, encode_image=None) -> am.Masks:
     """The kept masks, in upstream's order.
 
     `encode(pixel_values (3, S, S))` -> (256, 64, 64) and `decode(embedding, Prompts, multimask)` ->
     ((N, K, 256, 256), (N, K)) are awaitables; `cancelled()` is polled before each piece of work.
+    `encode_image(geometry)`, if given, embeds the whole image instead of `encode` (the served
+    model's embedding cache, shared with `sam`).
     """
     timings = timings or Timings()
     pre = settings.preprocess
@@ -166,13 +172,14 @@ async def segment_everything(image_bytes: bytes, boxes: np.ndarray | None, param
                                "crop layers apply to the point grid only (send crop_n_layers 0 with boxes)")
         full = Geometry(h, w, *resized_shape(h, w, pre.prompt_size))
         box_prompts = build_prompts(PromptInputs(boxes=boxes), full, pre.limits, pre.pad_prompt_tokens)
-    crops = _crops(rgb, boxes, params, pre)
+    crops = _crops(rgb, boxes, params, pre, whole_image_pixels=encode_image is None)
     del rgb
     timings.lap("image")
 
     if cancelled():
         raise Cancelled()
-    embeddings = await asyncio.gather(*(encode(c.pixel_values) for c in crops))
+    embeddings = await asyncio.gather(*(encode(c.pixel_values) if c.pixel_values is not None
+                                        else encode_image(c.geometry) for c in crops))
     timings.lap("encoder")
 
     grids = am.layer_point_grids(params)

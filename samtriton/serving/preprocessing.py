@@ -36,8 +36,12 @@ def resized_shape(h: int, w: int, long_side: int) -> tuple[int, int]:
     return int(h * scale + 0.5), int(w * scale + 0.5)
 
 
-def decode_image(data: bytes, limits: Limits = Limits()) -> np.ndarray:
-    """Encoded JPEG/PNG/WebP bytes -> HxWx3 uint8 RGB, EXIF orientation applied."""
+# EXIF orientations that turn the stored image by 90 degrees (exif_transpose swaps width and height).
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+
+
+def _open_checked(data: bytes, limits: Limits) -> Image.Image:
+    """The image opened from its header only, every check that needs no pixels done."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise InvalidInput("image", f"expected encoded image bytes, got {type(data).__name__}")
     if len(data) == 0:
@@ -59,6 +63,28 @@ def decode_image(data: bytes, limits: Limits = Limits()) -> np.ndarray:
     # decompression bomb must not get to allocate.
     if w * h > limits.max_pixels:
         raise InvalidInput("image", f"{w}x{h} = {w * h} pixels exceeds the limit of {limits.max_pixels}")
+    return img
+
+
+def image_size(data: bytes, limits: Limits = Limits()) -> tuple[int, int]:
+    """(height, width) of the image as `decode_image` returns it (EXIF orientation
+    applied), from the header alone: what the prompts need, without decoding pixels."""
+    img = _open_checked(data, limits)
+    w, h = img.size
+    if img.format == "PNG" and "exif" not in img.info and b"eXIf" not in data and b"tiff:Orientation" not in data:
+        # No orientation anywhere in the file; Pillow's PNG getexif() would
+        # decode the pixels to look for an eXIf chunk after the image data.
+        return h, w
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:
+        raise InvalidInput("image", "its EXIF data cannot be read") from None
+    return (w, h) if orientation in _TRANSPOSING_ORIENTATIONS else (h, w)
+
+
+def decode_image(data: bytes, limits: Limits = Limits()) -> np.ndarray:
+    """Encoded JPEG/PNG/WebP bytes -> HxWx3 uint8 RGB, EXIF orientation applied."""
+    img = _open_checked(data, limits)
     try:
         img.load()
         img = ImageOps.exif_transpose(img)
@@ -152,14 +178,34 @@ class Preprocessed:
 def preprocess(image_bytes: bytes, prompts: PromptInputs | None, settings: PreprocessSettings) -> Preprocessed:
     """`prompts=None` prepares the image alone (the `sam_encode` ensemble)."""
     rgb = decode_image(image_bytes, settings.limits)
-    h, w = rgb.shape[:2]
-    geometry = Geometry(h, w, *resized_shape(h, w, settings.prompt_size))
+    geometry = image_geometry(*rgb.shape[:2], settings)
     # Prompts are checked before the image is resized: a bad request fails fast.
     tokens = None if prompts is None else build_prompts(prompts, geometry, settings.limits,
                                                           settings.pad_prompt_tokens)
+    return Preprocessed(pixel_values=encoder_input(rgb, settings), geometry=geometry, prompts=tokens)
+
+
+def image_geometry(h: int, w: int, settings: PreprocessSettings) -> Geometry:
+    return Geometry(h, w, *resized_shape(h, w, settings.prompt_size))
+
+
+def encoder_input(rgb: np.ndarray, settings: PreprocessSettings) -> np.ndarray:
+    """HxWx3 uint8 -> the encoder's (3, S, S) float32 input."""
     resized = resize_longest_side(rgb, settings.encoder_size)
-    return Preprocessed(
-        pixel_values=normalise_and_pad(resized, settings.encoder_size, settings.pixel_mean, settings.pixel_std),
-        geometry=geometry,
-        prompts=tokens,
-    )
+    return normalise_and_pad(resized, settings.encoder_size, settings.pixel_mean, settings.pixel_std)
+
+
+def prepare_prompts(image_bytes: bytes, prompts: PromptInputs | None,
+                    settings: PreprocessSettings) -> tuple[Geometry, Prompts | None]:
+    """The served preprocess: the image's geometry from its header and the
+    prompts' decoder tokens; the pixels are decoded only on an embedding-cache
+    miss (`image_embedding`)."""
+    geometry = image_geometry(*image_size(image_bytes, settings.limits), settings)
+    tokens = None if prompts is None else build_prompts(prompts, geometry, settings.limits,
+                                                          settings.pad_prompt_tokens)
+    return geometry, tokens
+
+
+def settings_fingerprint(settings: PreprocessSettings) -> str:
+    """What, besides the image bytes and the model, decides an embedding."""
+    return f"{settings.encoder_size}|{settings.pixel_mean}|{settings.pixel_std}"

@@ -1,13 +1,14 @@
-"""Triton python model: encoded image + prompts -> encoder input, geometry, decoder tokens.
+"""Triton python model: encoded image + prompts -> image geometry, decoder tokens.
 
-Each request is validated on its own: a bad image or bad prompts fail that
+The image's size comes from its header (EXIF orientation applied): its
+pixels are decoded by `image_embedding`, and only when its embedding is not
+cached.  Each request is validated on its own: a bad image or bad prompts fail that
 request with INVALID_ARG naming the field, and its batch-mates go on.  While
 the server drains for shutdown, new requests are refused here (UNAVAILABLE),
 the first step of every ensemble, so the ones in flight can finish.
 
 Both ensembles call it: `sam` maps the prompt outputs and needs prompts;
-`sam_encode` maps only the encoder input and the geometry, and its requests
-carry none.  Triton asks a step only for the outputs its ensemble maps,
+`sam_encode` maps only the geometry, and its requests carry none.  Triton asks a step only for the outputs its ensemble maps,
 which tells them apart.
 """
 
@@ -18,7 +19,7 @@ import triton_python_backend_utils as pb_utils
 
 from samtriton import spec
 from samtriton.serving.errors import InvalidInput, ShuttingDown
-from samtriton.serving.preprocessing import PreprocessSettings, preprocess
+from samtriton.serving.preprocessing import PreprocessSettings, prepare_prompts
 from samtriton.serving.prompts import PromptInputs
 from samtriton.serving.request_parameters import multimask_output, requested_outputs
 from samtriton.serving.triton_helpers import ErrorResponses, input_array, model_parameters, optional_array, tensor
@@ -34,7 +35,7 @@ class TritonPythonModel:
     def _one(self, request):
         if self.drain_file and os.path.exists(self.drain_file):
             raise ShuttingDown("the server is shutting down; send the request to another replica or retry")
-        # Fail bad parameters here, before the encoder spends seconds.
+        # Fail bad parameters here, before the encoder spends time.
         requested_outputs(request.parameters())
         multimask_output(request.parameters())
         images = input_array(request, spec.IMAGE.name).reshape(-1)
@@ -42,13 +43,9 @@ class TritonPythonModel:
             raise InvalidInput(spec.IMAGE.name, f"expected exactly one encoded image, got {images.size}")
         inputs = PromptInputs(*(optional_array(request, t.name) for t in spec.PROMPT_INPUTS))
         wants_prompts = spec.PROMPT_LABELS_NAME in request.requested_output_names()
-        out = preprocess(images[0], inputs if wants_prompts else None, self.settings)
-        outputs = [
-            tensor(spec.PIXEL_VALUES_NAME, out.pixel_values[np.newaxis]),
-            tensor(spec.IMAGE_GEOMETRY.name, out.geometry.as_array()),
-        ]
-        if out.prompts is not None:
-            p = out.prompts
+        geometry, p = prepare_prompts(images[0], inputs if wants_prompts else None, self.settings)
+        outputs = [tensor(spec.IMAGE_GEOMETRY.name, geometry.as_array())]
+        if p is not None:
             outputs += [
                 tensor(spec.PROMPT_COORDS_NAME, p.coords[np.newaxis]),
                 tensor(spec.PROMPT_LABELS_NAME, p.labels[np.newaxis]),

@@ -1,8 +1,9 @@
 """Triton python model: segment everything, as the upstream automatic mask generator does it.
 
-It drives this variant's own models through Triton's BLS API: the image (and
-each crop) goes to the `image_encoder`, so Triton's dynamic batching and the
-embedding cache apply (a second request for the same image runs no encoder);
+It drives this variant's own models through Triton's BLS API: the whole image
+goes to `image_embedding`, so the embedding cache `sam` requests fill applies
+(a second request for the same image runs no encoder), each crop to the
+`image_encoder`, where Triton's dynamic batching batches them;
 the prompts go to the `mask_decoder` in small requests (8 prompts, one in
 flight: the model's parameters), batched with other clients' requests.
 Between decoder requests it checks whether the client cancelled (gRPC
@@ -50,6 +51,7 @@ class TritonPythonModel:
         params = model_parameters(args)
         self.settings = EverythingSettings.from_parameters(params)
         self.encoder_name, self.decoder_name = params["image_encoder"], params["mask_decoder"]
+        self.embedding_name = params["image_embedding"]
         self.drain_file = os.environ.get(spec.DRAIN_FILE_ENV)
         # Outputs in CPU memory whatever the step's device (a TensorRT engine answers on the GPU).
         self.cpu = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
@@ -69,6 +71,15 @@ class TritonPythonModel:
             inputs=[pb_utils.Tensor(spec.PIXEL_VALUES_NAME, pixel_values[np.newaxis])], preferred_memory=self.cpu)
         response = await request.async_exec()
         return self._output(response, self.encoder_name, spec.IMAGE_EMBEDDINGS_NAME)[0]
+
+    async def _embed(self, image_bytes, geometry):
+        request = pb_utils.InferenceRequest(
+            model_name=self.embedding_name, requested_output_names=[spec.IMAGE_EMBEDDINGS_NAME],
+            inputs=[pb_utils.Tensor(spec.IMAGE.name, np.array([image_bytes], dtype=np.object_)),
+                    pb_utils.Tensor(spec.IMAGE_GEOMETRY.name, geometry.as_array())],
+            preferred_memory=self.cpu)
+        response = await request.async_exec()
+        return self._output(response, self.embedding_name, spec.IMAGE_EMBEDDINGS_NAME)[0]
 
     async def _decode(self, embedding, prompts, multimask):
         inputs = [
@@ -106,8 +117,10 @@ class TritonPythonModel:
         if images.size != 1:
             raise InvalidInput(spec.IMAGE.name, f"expected exactly one encoded image, got {images.size}")
         timings = Timings()
-        masks = await segment_everything(images[0], optional_array(request, spec.BOXES.name), params,
-                                         self.settings, self._encode, self._decode, request.is_cancelled, timings)
+        image_bytes = images[0]
+        masks = await segment_everything(image_bytes, optional_array(request, spec.BOXES.name), params,
+                                         self.settings, self._encode, self._decode, request.is_cancelled, timings,
+                                         encode_image=lambda geometry: self._embed(image_bytes, geometry))
         for stage, seconds in timings.seconds.items():
             self._stage[stage].increment(seconds)
         return [tensor(name, array) for name, array in output_arrays(masks).items()]

@@ -1,0 +1,124 @@
+"""Triton python model: an image's embedding, from the embedding cache or from the encoder.
+
+Keyed by a digest of the encoded image plus the variant and its
+preprocessing settings (`samtriton.serving.embedding_cache`), so a hit costs
+a hash of the bytes the client sent: no decode, no resize, no 12 MB encoder
+input to build or to hash.  On a miss the image is decoded, resized and
+normalised on a thread of this model's pool, and sent to the
+`image_encoder` through BLS, where Triton's dynamic batcher batches it with
+other misses.
+
+One instance serves every request, so every request sees one cache; hits must
+not wait behind misses, so `execute()` only copies the request's inputs and
+hands it to an event loop on a thread of its own, which answers through the
+request's response sender (Triton 24.06+ default mode: one response per
+request).  Concurrent requests for the same new image run the encoder once.
+"""
+
+import asyncio
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from samtriton import spec
+from samtriton.serving.embedding_cache import EmbeddingCache, image_key
+from samtriton.serving.errors import InvalidInput
+from samtriton.serving.preprocessing import (
+    PreprocessSettings,
+    decode_image,
+    encoder_input,
+    settings_fingerprint,
+)
+from samtriton.serving.triton_helpers import ErrorResponses, input_array, model_parameters, tensor
+
+
+class EncoderFailed(RuntimeError):
+    def __init__(self, model: str, error):
+        super().__init__(f"{model}: {error.message()}")
+        self.code = error.code() if hasattr(error, "code") else None
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.error = ErrorResponses(args)
+        params = model_parameters(args)
+        self.settings = PreprocessSettings.from_parameters(params)
+        self.encoder_name = params["image_encoder"]
+        self.context = f"{params['samtriton_model']}|{settings_fingerprint(self.settings)}"
+        self.cpu = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
+        self.pool = ThreadPoolExecutor(max_workers=int(params["decode_threads"]),
+                                       thread_name_prefix="image-decode")
+        labels = {"model": args["model_name"]}
+        self._events_family = pb_utils.MetricFamily(
+            name=spec.EMBEDDING_CACHE_EVENTS_METRIC, kind=pb_utils.MetricFamily.COUNTER,
+            description="embedding cache: hits, misses, requests that waited for another's miss (shared), "
+                        "evictions")
+        self._events = {event: self._events_family.Metric(labels={**labels, "event": event})
+                        for event in ("hit", "miss", "shared", "eviction")}
+        self._size_family = pb_utils.MetricFamily(
+            name=spec.EMBEDDING_CACHE_BYTES_METRIC, kind=pb_utils.MetricFamily.GAUGE,
+            description="bytes of embeddings held by the embedding cache")
+        self._size = self._size_family.Metric(labels=labels)
+        cache_mb = os.environ.get(spec.EMBEDDING_CACHE_MB_ENV) or params["embedding_cache_mb"]
+        self.cache = EmbeddingCache(int(float(cache_mb) * 1024 * 1024),
+                                    on_event=lambda event, n: self._events[event].increment(n))
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="image-embedding", daemon=True)
+        self.thread.start()
+
+    def _pixels(self, image_bytes: bytes, geometry: np.ndarray) -> np.ndarray:
+        rgb = decode_image(image_bytes, self.settings.limits)
+        if tuple(rgb.shape[:2]) != (int(geometry[0]), int(geometry[1])):
+            raise InvalidInput(spec.IMAGE_GEOMETRY.name, f"is {geometry[:2].tolist()} but the image decodes to "
+                               f"{list(rgb.shape[:2])}")
+        return encoder_input(rgb, self.settings)
+
+    async def _encode(self, image_bytes: bytes, geometry: np.ndarray) -> np.ndarray:
+        pixels = await self.loop.run_in_executor(self.pool, self._pixels, image_bytes, geometry)
+        request = pb_utils.InferenceRequest(
+            model_name=self.encoder_name, requested_output_names=[spec.IMAGE_EMBEDDINGS_NAME],
+            inputs=[pb_utils.Tensor(spec.PIXEL_VALUES_NAME, pixels[np.newaxis])], preferred_memory=self.cpu)
+        response = await request.async_exec()
+        if response.has_error():
+            raise EncoderFailed(self.encoder_name, response.error())
+        return pb_utils.get_output_tensor_by_name(response, spec.IMAGE_EMBEDDINGS_NAME).as_numpy().copy()
+
+    def _failure(self, exc):
+        if isinstance(exc, EncoderFailed) and exc.code == pb_utils.TritonError.UNAVAILABLE:
+            # The encoder's queue is full or its timeout passed: the client may retry.
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.UNAVAILABLE))
+        return self.error(exc)
+
+    async def _answer(self, sender, image_bytes: bytes, geometry: np.ndarray) -> None:
+        try:
+            key = image_key(image_bytes, self.context)
+            embedding = await self.cache.get_or_compute(key, lambda: self._encode(image_bytes, geometry))
+            self._size.set(self.cache.size_bytes)
+            response = pb_utils.InferenceResponse(output_tensors=[tensor(spec.IMAGE_EMBEDDINGS_NAME, embedding)])
+        except Exception as e:  # one response per request, whatever happens
+            response = self._failure(e)
+        sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                images = input_array(request, spec.IMAGE.name).reshape(-1)
+                if images.size != 1:
+                    raise InvalidInput(spec.IMAGE.name, f"expected exactly one encoded image, got {images.size}")
+                # Copies: the request's tensors are gone once execute() returns.
+                image_bytes = bytes(images[0])
+                geometry = input_array(request, spec.IMAGE_GEOMETRY.name).reshape(-1).copy()
+            except Exception as e:
+                sender.send(self._failure(e), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                continue
+            asyncio.run_coroutine_threadsafe(self._answer(sender, image_bytes, geometry), self.loop)
+        return None
+
+    def finalize(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,123 @@
+"""The image-embedding cache: embeddings keyed by the image's encoded bytes, LRU, bounded in bytes.
+
+A cache hit must cost the decoder and little else, so the key is a digest of
+the encoded image (what the client sends) plus what else decides the
+embedding — the model variant and its preprocessing settings — not of the
+12 MB encoder input, which takes a decode, a resize and a normalisation to
+produce.
+
+Concurrent requests for the same new image compute it once: the first
+starts the computation, the others wait for its result (or its error).  The
+cache lives in one asyncio event loop (the `image_embedding` python model's,
+whose async `execute()` serves many requests at once), so its bookkeeping
+needs no lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def image_key(image_bytes: bytes, context: str) -> bytes:
+    """sha256 of the encoded image, salted with `context` (variant and preprocessing settings)."""
+    h = hashlib.sha256(context.encode())
+    h.update(b"\0")
+    h.update(image_bytes)
+    return h.digest()
+
+
+@dataclass
+class CacheCounters:
+    hits: int = 0
+    misses: int = 0
+    # Waited for another request's computation of the same image.
+    shared: int = 0
+    evictions: int = 0
+
+
+class EmbeddingCache:
+    """LRU of key -> embedding, at most `capacity_bytes` of arrays (0: no caching,
+    though concurrent requests for one image still share its computation)."""
+
+    def __init__(self, capacity_bytes: int, on_event: Callable[[str, int], None] | None = None):
+        if capacity_bytes < 0:
+            raise ValueError(f"capacity_bytes must be >= 0, got {capacity_bytes}")
+        self.capacity_bytes = capacity_bytes
+        self.counters = CacheCounters()
+        self._entries: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._bytes = 0
+        self._pending: dict[bytes, asyncio.Future] = {}
+        # on_event(name, count): "hit", "miss", "shared", "eviction"; metrics hook.
+        self._on_event = on_event or (lambda name, count: None)
+
+    @property
+    def size_bytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    _FIELDS = {"hit": "hits", "miss": "misses", "shared": "shared", "eviction": "evictions"}
+
+    def _count(self, event: str, count: int = 1) -> None:
+        field = self._FIELDS[event]
+        setattr(self.counters, field, getattr(self.counters, field) + count)
+        self._on_event(event, count)
+
+    def get(self, key: bytes) -> np.ndarray | None:
+        value = self._entries.get(key)
+        if value is not None:
+            self._entries.move_to_end(key)
+        return value
+
+    def put(self, key: bytes, value: np.ndarray) -> None:
+        if value.nbytes > self.capacity_bytes:
+            return
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self._bytes -= old.nbytes
+        self._entries[key] = value
+        self._bytes += value.nbytes
+        evicted = 0
+        while self._bytes > self.capacity_bytes:
+            _, dropped = self._entries.popitem(last=False)
+            self._bytes -= dropped.nbytes
+            evicted += 1
+        if evicted:
+            self._count("eviction", evicted)
+
+    async def get_or_compute(self, key: bytes, compute: Callable[[], Awaitable[np.ndarray]]) -> np.ndarray:
+        """The cached embedding of `key`, or `compute()`'s, computed once however
+        many requests ask for it meanwhile."""
+        value = self.get(key)
+        if value is not None:
+            self._count("hit")
+            return value
+        pending = self._pending.get(key)
+        if pending is not None:
+            self._count("shared")
+            # shield: a waiter that is cancelled must not cancel the computation others wait for.
+            return await asyncio.shield(pending)
+        self._count("miss")
+        future = asyncio.get_running_loop().create_future()
+        self._pending[key] = future
+        try:
+            value = await compute()
+        except BaseException as e:
+            future.set_exception(e)
+            future.exception()  # retrieved: no "never retrieved" warning when nobody waited
+            raise
+        else:
+            # Read-only: every request gets the same array.
+            value.setflags(write=False)
+            self.put(key, value)
+            future.set_result(value)
+            return value
+        finally:
+            del self._pending[key]
