@@ -46,7 +46,7 @@ class ServingOptions:
     encoder_instances: int = 1
     # Requests with different prompt counts and kinds share a decoder call (ragged batching).
     decoder_max_batch_size: int = 16
-    decoder_queue_delay_us: int = 2000
+    decoder_queue_delay_us: int = 0
     decoder_instances: int = 1
     # Backpressure: requests beyond these queue lengths are refused at once
     # with UNAVAILABLE ("Exceeds maximum queue size") instead of piling up;

@@ -17,6 +17,7 @@ runs as two-tap gathers, skipped when the size does not change.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 
@@ -61,11 +62,21 @@ def bilinear_taps(in_size: int, out_size: int, keep: int | None = None) -> Taps:
 
 
 def dense_weights(taps: Taps, in_size: int) -> np.ndarray:
-    """The (out, in) matrix of a Taps: row i holds w0[i] at i0[i] and w1[i] at i1[i]."""
+    """The (out, in) matrix of a Taps: row i holds w0[i] at i0[i] and w1[i] at i1[i]
+    (their sum where the two taps coincide, at the last input)."""
     weights = np.zeros((taps.i0.shape[0], in_size), dtype=np.float32)
     rows = np.arange(taps.i0.shape[0])
-    np.add.at(weights, (rows, taps.i0), taps.w0)
-    np.add.at(weights, (rows, taps.i1), taps.w1)
+    weights[rows, taps.i0] = taps.w0
+    weights[rows, taps.i1] += taps.w1  # each row once per statement: no lost update
+    return weights
+
+
+@functools.lru_cache(maxsize=64)
+def _upsampling_weights(in_size: int, out_size: int, keep: int) -> np.ndarray:
+    """dense_weights of the low-res -> prompt-frame upsampling, kept: a request's
+    image size repeats, and building them costs as much as using them."""
+    weights = dense_weights(bilinear_taps(in_size, out_size, keep=keep), in_size)
+    weights.setflags(write=False)
     return weights
 
 
@@ -96,8 +107,8 @@ def upscaled_logits(low_res: np.ndarray, geometry: Geometry, frame_size: int = P
     n, low_h, low_w = low_res.shape
     g = geometry
     # Step 1: low-res -> the padded prompt frame, cropped to the resized image.
-    up_rows = dense_weights(bilinear_taps(low_h, frame_size, keep=g.input_h), low_h)
-    up_cols_t = dense_weights(bilinear_taps(low_w, frame_size, keep=g.input_w), low_w).T.copy()
+    up_rows = _upsampling_weights(low_h, frame_size, g.input_h)
+    up_cols_t = _upsampling_weights(low_w, frame_size, g.input_w).T
     # Step 2: resized image -> original size.
     same_size = (g.input_h, g.input_w) == (g.original_h, g.original_w)
     down_rows = bilinear_taps(g.input_h, g.original_h)
