@@ -2,13 +2,14 @@
 
     .venv/bin/python perf/serving_overhead.py --model-repository var/model_repository
 
-Same model files, same ONNX Runtime thread settings (the repository's
-`intra_op_threads`), new images every request (the server runs without its
-response cache, so both sides run the encoder every time):
+Same model files, runtimes and thread settings (the repository's), new images
+every request (and the server runs without its embedding cache), so both sides
+run the encoder every time:
 - latency at concurrency 1: median over --requests requests;
 - throughput at saturation: --concurrency requests in flight (SamClient.segment_many
   served; a thread pool of the same size in-process), requests per second.
-Prints both and the served/in-process ratios; writes perf/results/serving_overhead.csv.
+--rounds rounds of in-process then served, each round's ratios printed, then
+the medians; writes perf/results/serving_overhead.csv.
 """
 
 from __future__ import annotations
@@ -57,56 +58,85 @@ def latency_ms(fn, work) -> float:
     return statistics.median(times)
 
 
+def in_process_round(pipe, args, seed: int) -> tuple[float, float]:
+    """(latency ms at concurrency 1, requests/s at --concurrency) in-process."""
+    latency = latency_ms(pipe.segment, workload(args.requests, seed, args.boxes))
+    burst = workload(args.concurrency * 2, seed + 100, args.boxes)
+    started = time.perf_counter()
+    with ThreadPoolExecutor(args.concurrency) as pool:
+        list(pool.map(lambda item: pipe.segment(*item), burst))
+    return latency, len(burst) / (time.perf_counter() - started)
+
+
+def served_round(url: str, args, seed: int) -> tuple[float, float]:
+    with SamClient(url) as client:
+        latency = latency_ms(client.segment, workload(args.requests, seed, args.boxes))
+        burst = workload(args.concurrency * 2, seed + 100, args.boxes)
+        started = time.perf_counter()
+        client.segment_many(burst, concurrency=args.concurrency)
+        return latency, len(burst) / (time.perf_counter() - started)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model-repository", default="var/model_repository")
     parser.add_argument("--requests", type=int, default=5)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--boxes", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of in-process then served; the ratios are per round, then their median")
     args = parser.parse_args(argv)
     repo = Path(args.model_repository)
-    pipe = InProcessPipeline(repo)  # the default variant, as `sam` serves it
-    threads = int(repository_parameters(repo, pipe.names.image_encoder).get("intra_op_threads", "0"))
-    pipe = InProcessPipeline(repo, intra_op_threads=threads)
-    pipe.segment(*workload(1, 99, args.boxes)[0])  # warm-up
-    inproc_latency = latency_ms(pipe.segment, workload(args.requests, 100, args.boxes))
-    burst = workload(args.concurrency * 2, 200, args.boxes)
-    started = time.perf_counter()
-    with ThreadPoolExecutor(args.concurrency) as pool:
-        list(pool.map(lambda item: pipe.segment(*item), burst))
-    inproc_throughput = len(burst) / (time.perf_counter() - started)
+    threads = int(repository_parameters(repo, InProcessPipeline(repo).names.image_encoder).get("intra_op_threads", "0"))
+    pipe = InProcessPipeline(repo, intra_op_threads=threads)  # the default variant, as `sam` serves it
+    in_process_round(pipe, argparse.Namespace(**{**vars(args), "requests": 1}), 90)  # warm-up
 
     http, grpc, metrics = server.free_ports(3)
     proc = server.start(server.ServerOptions(repo, http, grpc, metrics, cache_bytes=0, embedding_cache_mb=0),
                         stdout=open(os.devnull, "wb"), stderr=open(os.devnull, "wb"))
+    rounds = []
     try:
         server.wait_ready(proc, http)
-        with SamClient(f"127.0.0.1:{grpc}") as client:
-            client.segment(*workload(1, 299, args.boxes)[0])  # warm-up
-            served_latency = latency_ms(client.segment, workload(args.requests, 300, args.boxes))
-            burst = workload(args.concurrency * 2, 400, args.boxes)
-            started = time.perf_counter()
-            client.segment_many(burst, concurrency=args.concurrency)
-            served_throughput = len(burst) / (time.perf_counter() - started)
+        url = f"127.0.0.1:{grpc}"
+        # Warm-up, a burst included: OpenVINO prepares its kernels for each new
+        # input shape (batch sizes, prompt counts) on first sight.
+        served_round(url, argparse.Namespace(**{**vars(args), "requests": 1}), 290)
+        for r in range(args.rounds):
+            # New images everywhere (seeds of their own): every request runs the encoder.
+            inproc = in_process_round(pipe, args, 1000 * r + 100)
+            served = served_round(url, args, 1000 * r + 500)
+            rounds.append((served, inproc))
+            print(f"  round {r + 1}: latency served {served[0]:.0f} / in-process {inproc[0]:.0f} ms = "
+                  f"{served[0] / inproc[0]:.2f}x; throughput served {served[1]:.2f} / in-process "
+                  f"{inproc[1]:.2f} req/s = {served[1] / inproc[1]:.2f}x", flush=True)
     finally:
         server.stop(proc)
 
+    latency_ratio = statistics.median(s[0] / i[0] for s, i in rounds)
+    throughput_ratio = statistics.median(s[1] / i[1] for s, i in rounds)
+    served_latency = statistics.median(s[0] for s, _ in rounds)
+    inproc_latency = statistics.median(i[0] for _, i in rounds)
+    served_throughput = statistics.median(s[1] for s, _ in rounds)
+    inproc_throughput = statistics.median(i[1] for _, i in rounds)
     desc = machine()
-    print(f"machine: {desc}\nMobileSAM, 1024x683 JPEG, {args.boxes} boxes/request, new image per request, "
-          f"ONNX Runtime intra_op_threads={threads}")
-    print(f"  latency at concurrency 1 (median of {args.requests}): served {served_latency:.0f} ms, "
-          f"in-process {inproc_latency:.0f} ms, ratio {served_latency / inproc_latency:.2f}x")
-    print(f"  throughput at concurrency {args.concurrency} ({2 * args.concurrency} requests): "
-          f"served {served_throughput:.2f}/s, in-process {inproc_throughput:.2f}/s, "
-          f"ratio {served_throughput / inproc_throughput:.2f}x")
+    enc = repository_parameters(repo, pipe.names.image_encoder)
+    dec = repository_parameters(repo, pipe.names.mask_decoder)
+    print(f"machine: {desc}\n{pipe.names.image_encoder.rsplit('_image_encoder', 1)[0]}, 1024x683 JPEG, "
+          f"{args.boxes} boxes/request, new image per request, encoder {enc.get('runtime', 'onnxruntime')} "
+          f"{enc.get('precision', 'fp32')}, decoder {dec.get('runtime', 'onnxruntime')} {dec.get('precision', 'fp32')}, "
+          f"threads={threads or 'all cores'}; medians of {args.rounds} rounds")
+    print(f"  latency at concurrency 1: served {served_latency:.0f} ms, in-process {inproc_latency:.0f} ms, "
+          f"ratio {latency_ratio:.2f}x (target <= 1.05)")
+    print(f"  throughput at concurrency {args.concurrency}: served {served_throughput:.2f}/s, in-process "
+          f"{inproc_throughput:.2f}/s, ratio {throughput_ratio:.2f}x (target >= 0.95)")
     RESULTS.mkdir(parents=True, exist_ok=True)
     with open(RESULTS / "serving_overhead.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["machine", "metric", "served", "in_process", "served_over_in_process"])
+        w.writerow(["machine", "metric", "served", "in_process", "served_over_in_process", "rounds"])
         w.writerow([desc, "latency_ms_concurrency_1", f"{served_latency:.1f}", f"{inproc_latency:.1f}",
-                    f"{served_latency / inproc_latency:.2f}"])
+                    f"{latency_ratio:.2f}", args.rounds])
         w.writerow([desc, f"throughput_per_s_concurrency_{args.concurrency}", f"{served_throughput:.3f}",
-                    f"{inproc_throughput:.3f}", f"{served_throughput / inproc_throughput:.2f}"])
+                    f"{inproc_throughput:.3f}", f"{throughput_ratio:.2f}", args.rounds])
     return 0
 
 

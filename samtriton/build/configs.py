@@ -23,15 +23,17 @@ TARGETS = ("cpu", "gpu")
 class ServingOptions:
     """Knobs of the generated repository that are not fixed by the model.
 
-    The defaults are the CPU target's: a CPU encoder call takes about a
-    second, so waiting 2 ms to fill a batch costs nothing; batches stay small
-    because a batch of 4 already keeps both cores busy for seconds.  The GPU
-    target's are in `for_target("gpu")`.
+    The defaults are the CPU target's.  No queue delay: on the CPU a batch
+    computes no faster per item than its items one by one (the encoder and
+    decoder are compute-bound), so waiting for one to fill only adds latency;
+    requests that arrive while a step is busy still queue and go together.
+    Batches stay small because a batch of 4 already keeps both cores busy for
+    a second.  The GPU target's are in `for_target("gpu")`.
     """
 
     target: str = "cpu"
     encoder_max_batch_size: int = 4
-    encoder_queue_delay_us: int = 2000
+    encoder_queue_delay_us: int = 0
     encoder_preferred_batch_sizes: tuple[int, ...] = ()
     # The embedding cache of `image_embedding` (the `sam` and `sam_encode`
     # ensembles): keyed by the encoded image, LRU, this many MiB per variant
