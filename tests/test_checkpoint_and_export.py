@@ -118,6 +118,7 @@ def _served_report(built_repository, random_checkpoints, name):
     return build_output, check_parity(
         sam, get_variant(name).encoder_size,
         repo / names.image_encoder / "1" / "model.onnx", repo / names.mask_decoder / "1" / "model.onnx", seed=7,
+        batched_encoder=True,
     )
 
 
@@ -149,7 +150,8 @@ def test_module_level_parity(tmp_path, name):
     sam = load_model(variant, tmp_path / variant.checkpoint_file)
     export_encoder(sam, variant.encoder_size, tmp_path / "encoder.onnx")
     export_decoder(sam, tmp_path / "decoder.onnx")
-    report = check_parity(sam, variant.encoder_size, tmp_path / "encoder.onnx", tmp_path / "decoder.onnx")
+    report = check_parity(sam, variant.encoder_size, tmp_path / "encoder.onnx", tmp_path / "decoder.onnx",
+                          batched_encoder=True)
     print(f"\n{name}\n" + "\n".join(report.lines()))
     assert not report.problems(), report.problems()
 
@@ -177,3 +179,31 @@ def test_a_mixed_batch_answers_each_request_as_alone(built_repository):
         np.testing.assert_allclose(scores, alone_scores, atol=1e-5)
         np.testing.assert_allclose(masks, alone_masks, atol=1e-4)
         assert np.mean((masks > 0) == (alone_masks > 0)) > 0.9999
+
+
+def test_the_parity_check_catches_a_graph_that_froze_its_batch_size(tmp_path):
+    """The build runs the encoder one image at a time (ViT-B's batch-2 activations
+    cost GBs), so a frozen batch is found by propagating a batch of 2 through the
+    graph's shapes: a Reshape to a traced batch of 1 fails there."""
+    from samtriton.build.onnx_export import encoder_batch_shape
+
+    class Encoder(torch.nn.Module):
+        def __init__(self, frozen: bool):
+            super().__init__()
+            self.conv, self.frozen = torch.nn.Conv2d(3, 256, 1), frozen
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y.reshape(1, 256, 64, 64) if self.frozen else y.reshape(y.shape[0], 256, 64, 64)
+
+    shapes = {}
+    for frozen in (False, True):
+        path = tmp_path / f"encoder_{frozen}.onnx"
+        with torch.no_grad():
+            torch.onnx.export(Encoder(frozen).eval(), (torch.zeros(1, 3, 64, 64),), str(path),
+                              input_names=["pixel_values"], output_names=["image_embeddings"],
+                              dynamic_axes={"pixel_values": {0: "images"}, "image_embeddings": {0: "images"}},
+                              opset_version=17, dynamo=False)
+        shapes[frozen] = encoder_batch_shape(path, 2)
+    assert shapes[False] == (2, 256, 64, 64)
+    assert shapes[True] != (2, 256, 64, 64)

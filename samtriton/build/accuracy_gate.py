@@ -94,7 +94,13 @@ def compare(got: dict[str, np.ndarray], ref: dict[str, np.ndarray],
 def judge_encoder(candidate: Run, reference: Run, reference_decoder: Run, pixels: np.ndarray,
                   tokens: int | None = None) -> GateReport:
     """`pixels`: (2, 3, S, S) encoder inputs, `sample_pixels`."""
-    emb_ref, emb_got = embed(reference, pixels), embed(candidate, pixels)
+    return judge_embeddings(embed(candidate, pixels), embed(reference, pixels), reference_decoder, tokens)
+
+
+def judge_embeddings(emb_got: np.ndarray, emb_ref: np.ndarray, reference_decoder: Run,
+                     tokens: int | None = None) -> GateReport:
+    """An encoder's embeddings against the reference's, through the reference decoder
+    (`judge_encoder`, for callers that free one encoder before running the other)."""
     return compare(reference_decoder(decoder_feeds(tokens, emb_got)), reference_decoder(decoder_feeds(tokens, emb_ref)),
                    float(np.abs(emb_got - emb_ref).max()))
 

@@ -11,12 +11,12 @@ parameters, where `samtriton models --model-repository` shows them.
 
 from __future__ import annotations
 
-import gc
 from dataclasses import dataclass
 from pathlib import Path
 
 from samtriton import spec
 from samtriton.build import accuracy_gate as gate
+from samtriton.build.memory import release_memory
 from samtriton.serving.cpu_runtime import BF16, OPENVINO, StepRuntime, make_session, resolve
 from samtriton.variants import ModelVariant
 
@@ -89,15 +89,17 @@ def choose_steps(variant: ModelVariant, encoder_onnx: Path, decoder_onnx: Path, 
         report = None
         if not runtime.is_reference:
             log(f"[{variant.name}] {role}: accuracy gate for {runtime.label} against fp32 ONNX Runtime")
-            candidate = _runner(onnx_path, runtime)
             if role == spec.IMAGE_ENCODER:
+                # One encoder session at a time, freed before the next (ViT-B's take GBs).
                 pixels = gate.sample_pixels(variant.encoder_size, variant.pixel_mean, variant.pixel_std)
-                report = gate.judge_encoder(candidate, _runner(onnx_path, reference),
-                                            _runner(decoder_onnx, reference), pixels)
+                emb_ref = gate.embed(_runner(onnx_path, reference), pixels)
+                release_memory()
+                emb_got = gate.embed(_runner(onnx_path, runtime), pixels)
+                release_memory()
+                report = gate.judge_embeddings(emb_got, emb_ref, _runner(decoder_onnx, reference))
             else:
-                report = gate.judge_decoder(candidate, _runner(onnx_path, reference))
-            del candidate
-            gc.collect()  # the sessions go before the next step's are made
+                report = gate.judge_decoder(_runner(onnx_path, runtime), _runner(onnx_path, reference))
+            release_memory()
             log(f"  {report.line()}")
             if not report.passed():
                 raise gate.GateError(

@@ -24,6 +24,7 @@ from samtriton.build.export_wrappers import (
     RaggedPromptMaskDecoderExport,
     batch_agnostic,
 )
+from samtriton.build.memory import release_memory
 from samtriton.serving import decoder_batch
 
 OPSET = 17
@@ -36,6 +37,9 @@ class ParityReport:
     decoder_iou_max_abs_diff: float
     # IoU of the thresholded (> 0) low-resolution masks, worst box.
     decoder_mask_min_iou: float
+    # The encoder graph's output shape for a batch of 2, from shape inference
+    # (None: it could not be propagated, e.g. a batch size frozen in a Reshape).
+    encoder_batch2_shape: tuple[int, ...] | None = (2, *spec.EMBEDDING_SHAPE)
 
     # Float32 ONNX Runtime vs PyTorch on the same weights: differences are
     # rounding (1e-5 seen); anything near these bounds is a wrong graph.
@@ -54,6 +58,8 @@ class ParityReport:
             out.append(f"iou scores differ by {self.decoder_iou_max_abs_diff:.3g} (bound {self.MAX_IOU_SCORE_DIFF})")
         if not self.decoder_mask_min_iou >= self.MIN_MASK_IOU:
             out.append(f"mask IoU {self.decoder_mask_min_iou:.5f} (bound {self.MIN_MASK_IOU})")
+        if self.encoder_batch2_shape != (2, *spec.EMBEDDING_SHAPE):
+            out.append(f"the encoder graph froze its batch size: a batch of 2 gives {self.encoder_batch2_shape}")
         return out
 
     def lines(self) -> list[str]:
@@ -162,12 +168,28 @@ def upstream_decoder(sam: torch.nn.Module, request: decoder_batch.DecoderRequest
     return np.stack(low_res), np.stack(iou)
 
 
+def encoder_batch_shape(encoder_path: Path, batch: int) -> tuple[int, ...] | None:
+    """The encoder graph's output shape for `batch` images, by OpenVINO's shape
+    inference (nothing is run); None when the batch cannot propagate."""
+    import openvino as ov
+
+    model = ov.Core().read_model(str(encoder_path))
+    try:
+        model.reshape({model.input(0).get_any_name(): [batch, *model.input(0).get_partial_shape()[1:].to_shape()]})
+        shape = model.output(0).get_partial_shape()
+    except Exception:
+        return None
+    return tuple(shape.to_shape()) if shape.is_static else None
+
+
 def check_parity(sam: torch.nn.Module, encoder_size: int, encoder_path: Path, decoder_path: Path,
-                 seed: int = 0, ragged_tokens: int | None = None) -> ParityReport:
+                 seed: int = 0, ragged_tokens: int | None = None, batched_encoder: bool = False) -> ParityReport:
     """Run the exported graphs and the PyTorch modules on the same random inputs.
 
-    The encoder is run at batch 2 (a graph that froze the batch size fails
-    here); the decoder gets every prompt kind (`sample_requests`) on the two
+    The encoder runs two images, one per call (`batched_encoder`: both in one
+    call, which costs ViT-B GBs of activations), and its graph's shapes are
+    propagated for a batch of 2 (a graph that froze the batch size fails
+    there); the decoder gets every prompt kind (`sample_requests`) on the two
     embeddings in one call, against the upstream modules prompt by prompt,
     on all four mask tokens.  A GPU-target decoder (`ragged_tokens` per
     prompt) gets the same prompts as Triton's TensorRT backend lays them out.
@@ -176,17 +198,25 @@ def check_parity(sam: torch.nn.Module, encoder_size: int, encoder_path: Path, de
 
     rng = np.random.default_rng(seed)
     pixels = rng.standard_normal((2, 3, encoder_size, encoder_size)).astype(np.float32)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    # Peak memory: without the arena ONNX Runtime returns its activations after
-    # the run, and the session is gone before PyTorch runs the same images one
-    # at a time, so the two encoders' activations (GBs for ViT-B) never coexist.
-    opts.enable_cpu_mem_arena = False
-    enc = ort.InferenceSession(str(encoder_path), opts, providers=["CPUExecutionProvider"])
-    onnx_emb = enc.run(None, {enc.get_inputs()[0].name: pixels})[0]
-    del enc
+    # Peak memory: PyTorch runs the images one at a time first, and its freed
+    # activations go back to the system before ONNX Runtime (without its arena,
+    # so its activations go after each run) loads the graph: the two encoders'
+    # activations (GBs for ViT-B) never coexist, nor does either with the other's session.
     with torch.no_grad():
         torch_emb = np.concatenate([sam.image_encoder(torch.from_numpy(p[np.newaxis])).numpy() for p in pixels])
+    release_memory()
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.enable_cpu_mem_arena = False
+    enc = ort.InferenceSession(str(encoder_path), opts, providers=["CPUExecutionProvider"])
+    name = enc.get_inputs()[0].name
+    if batched_encoder:
+        onnx_emb = enc.run(None, {name: pixels})[0]
+    else:
+        onnx_emb = np.concatenate([enc.run(None, {name: p[np.newaxis]})[0] for p in pixels])
+    del enc
+    release_memory()
+    batch2_shape = encoder_batch_shape(encoder_path, 2)
 
     requests = decoder_batch.sample_requests(rng, images=torch_emb)
     dec = ort.InferenceSession(str(decoder_path), opts, providers=["CPUExecutionProvider"])
@@ -204,4 +234,5 @@ def check_parity(sam: torch.nn.Module, encoder_size: int, encoder_path: Path, de
         decoder_iou_max_abs_diff=float(np.abs(onnx_iou - ref_iou).max()),
         decoder_mask_min_iou=float(mask_ious(onnx_masks.reshape(-1, *onnx_masks.shape[2:]) > 0,
                                              ref_masks.reshape(-1, *ref_masks.shape[2:]) > 0).min()),
+        encoder_batch2_shape=batch2_shape,
     )

@@ -15,6 +15,7 @@ from samtriton.build.configs import ServingOptions, WeightsInfo, model_configs, 
 from samtriton.build.download import sha256_of
 from samtriton.build import trt_compat
 from samtriton.build.cpu_steps import VariantSteps, choose_steps
+from samtriton.build.memory import release_memory
 from samtriton.build.onnx_export import (
     ParityReport,
     check_parity,
@@ -118,6 +119,7 @@ def _export_variant(source: ModelSource, out_dir: Path, tmp: Path, log,
     decoder_onnx.parent.mkdir(parents=True, exist_ok=True)
     log(f"[{variant.name}] exporting the image encoder ({variant.encoder_size}x{variant.encoder_size}) to ONNX")
     export_encoder(sam, variant.encoder_size, encoder_onnx)
+    release_memory()
     ragged_tokens = None
     if options.target == "gpu":
         ragged_tokens = spec.gpu_prompt_tokens(options.limits.max_points)
@@ -130,6 +132,7 @@ def _export_variant(source: ModelSource, out_dir: Path, tmp: Path, log,
         export_decoder(sam, decoder_onnx)
     log(f"[{variant.name}] checking ONNX Runtime against PyTorch (boxes, points, box + points, mask inputs; "
         "all mask tokens)")
+    release_memory()
     parity = check_parity(sam, variant.encoder_size, encoder_onnx, decoder_onnx, ragged_tokens=ragged_tokens)
     for line in parity.lines():
         log("  " + line)
@@ -137,6 +140,7 @@ def _export_variant(source: ModelSource, out_dir: Path, tmp: Path, log,
         raise ParityError(f"{variant.name}: the exported ONNX does not reproduce PyTorch: "
                           + "; ".join(parity.problems()) + ". Nothing was written.")
     del sam  # PyTorch's copy of the weights is not needed for the gate
+    release_memory()
     steps = None
     if options.target == "cpu":
         steps = choose_steps(variant, encoder_onnx, decoder_onnx, options.encoder_runtime, options.decoder_runtime,
