@@ -86,14 +86,23 @@ soak: setup
 	SAMTRITON_SOAK_SECONDS=$(SOAK_SECONDS) SAMTRITON_SOAK_MAX_RSS_GROWTH_MB=$(SOAK_MAX_RSS_GROWTH_MB) \
 	  $(VENV)/bin/pytest -s --timeout=$$(( $(SOAK_SECONDS) + 900 )) tests/test_reliability.py -k soak
 
-# Batched vs one-by-one, serving overhead, where the time goes, what a click costs
-# (about 7 minutes on 2 CPU cores).
+# Batched vs one-by-one, serving overhead, where the time goes, what a click costs,
+# segment everything (about 8 minutes on 2 CPU cores); then the CPU report per
+# variant of BENCH_MODELS: runtimes x precisions with the accuracy gate, the
+# cache-hit ratios, served vs in-process, build peak memory (about 25 minutes).
+BENCH_MODELS ?= mobilesam efficientvit-sam-l0 sam-vit-b
+BENCH_REPO ?= var/bench_repository
 bench: repository
 	$(VENV)/bin/python perf/batched_vs_sequential.py --model-repository $(REPO_DIR)
 	$(VENV)/bin/python perf/serving_overhead.py --model-repository $(REPO_DIR)
 	$(VENV)/bin/python perf/breakdown.py --model-repository $(REPO_DIR)
 	$(VENV)/bin/python perf/clicks.py --model-repository $(REPO_DIR)
 	$(VENV)/bin/python perf/everything.py --model-repository $(REPO_DIR)
+	$(SAMTRITON) build --model $(BENCH_MODELS) --random-weights --out $(BENCH_REPO)
+	$(VENV)/bin/python perf/cpu_runtimes.py --model-repository $(BENCH_REPO)
+	for m in $(BENCH_MODELS); do $(VENV)/bin/python perf/cache_ratio.py --model-repository $(BENCH_REPO) --model $$m; done
+	for m in $(BENCH_MODELS); do $(VENV)/bin/python perf/serving_overhead.py --model-repository $(BENCH_REPO) --model $$m; done
+	$(VENV)/bin/python perf/build_memory.py --model $(BENCH_MODELS)
 
 # perf_analyzer over gRPC and HTTP, concurrency 1..32 and request rates.
 perf-sweep: repository

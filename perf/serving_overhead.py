@@ -33,7 +33,8 @@ from latency import RESULTS, machine  # noqa: E402
 from samtriton import server  # noqa: E402
 from samtriton.client import SamClient  # noqa: E402
 from samtriton.sample_image import sample_scene  # noqa: E402
-from samtriton.serving.pipeline import InProcessPipeline, repository_parameters  # noqa: E402
+from samtriton.serving.pipeline import InProcessPipeline, repository_names, repository_parameters  # noqa: E402
+from samtriton.variants import get_variant  # noqa: E402
 
 
 def workload(n: int, seed: int, boxes_per_request: int):
@@ -69,7 +70,7 @@ def in_process_round(pipe, args, seed: int) -> tuple[float, float]:
 
 
 def served_round(url: str, args, seed: int) -> tuple[float, float]:
-    with SamClient(url) as client:
+    with SamClient(url, model=args.model) as client:
         latency = latency_ms(client.segment, workload(args.requests, seed, args.boxes))
         burst = workload(args.concurrency * 2, seed + 100, args.boxes)
         started = time.perf_counter()
@@ -83,12 +84,14 @@ def main(argv=None) -> int:
     parser.add_argument("--requests", type=int, default=5)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--boxes", type=int, default=5)
+    parser.add_argument("--model", help="variant (default: the repository's default, `sam`)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="rounds of in-process then served; the ratios are per round, then their median")
     args = parser.parse_args(argv)
     repo = Path(args.model_repository)
-    threads = int(repository_parameters(repo, InProcessPipeline(repo).names.image_encoder).get("intra_op_threads", "0"))
-    pipe = InProcessPipeline(repo, intra_op_threads=threads)  # the default variant, as `sam` serves it
+    names = repository_names(repo, args.model)
+    threads = int(repository_parameters(repo, names.image_encoder).get("intra_op_threads", "0"))
+    pipe = InProcessPipeline(repo, intra_op_threads=threads, model=args.model)
     in_process_round(pipe, argparse.Namespace(**{**vars(args), "requests": 1}), 90)  # warm-up
 
     http, grpc, metrics = server.free_ports(3)
@@ -130,7 +133,8 @@ def main(argv=None) -> int:
     print(f"  throughput at concurrency {args.concurrency}: served {served_throughput:.2f}/s, in-process "
           f"{inproc_throughput:.2f}/s, ratio {throughput_ratio:.2f}x (target >= 0.95)")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS / "serving_overhead.csv", "w", newline="") as f:
+    name = "serving_overhead.csv" if args.model is None else f"serving_overhead_{get_variant(args.model).slug}.csv"
+    with open(RESULTS / name, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["machine", "metric", "served", "in_process", "served_over_in_process", "rounds"])
         w.writerow([desc, "latency_ms_concurrency_1", f"{served_latency:.1f}", f"{inproc_latency:.1f}",

@@ -54,6 +54,7 @@ def options_from_env(repository: Path, env=os.environ) -> server.ServerOptions:
         grpc_port=int(env.get("SAMTRITON_GRPC_PORT", "8001")),
         metrics_port=int(env.get("SAMTRITON_METRICS_PORT", "8002")),
         cache_bytes=int(float(env.get("SAMTRITON_CACHE_SIZE_MB", "1024")) * 1024 * 1024),
+        embedding_cache_mb=float(env.get("SAMTRITON_CACHE_SIZE_MB", "1024")),
         triton_home=Path(env.get("SAMTRITON_TRITON_HOME", str(TRITON_HOME))),
         # An encoded image (the preprocess refuses more than 32 MiB) and its boxes.
         http_max_input_bytes=int(float(env.get("SAMTRITON_HTTP_MAX_INPUT_MB", "40")) * 1024 * 1024),

@@ -35,8 +35,9 @@ CPUINFO_WITH_AMX = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f amx_bf16 am
 
 
 def test_step_runtime_choices_are_checked_with_the_valid_names():
-    assert StepRuntime.parse("openvino-bf16") == StepRuntime("openvino", "bf16")
-    assert StepRuntime.parse("onnxruntime") == StepRuntime("onnxruntime", "fp32")
+    assert StepRuntime() == StepRuntime("onnxruntime", "fp32")
+    assert StepRuntime.from_parameters({}) == StepRuntime()  # repositories built before the choice
+    assert StepRuntime.from_parameters({"runtime": "openvino", "precision": "bf16"}).label == "openvino bf16"
     assert StepRuntime().is_reference and not StepRuntime("openvino", "fp32").is_reference
     with pytest.raises(ValueError, match="onnxruntime runs fp32 only; bf16 needs the openvino runtime"):
         StepRuntime("onnxruntime", "bf16")

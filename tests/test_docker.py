@@ -53,6 +53,7 @@ def test_container_launches_tritonserver_with_secure_flags(tmp_path):
     assert "--http-restricted-api=model-repository,shared-memory:samtriton-admin-key=k3y" in cmd
     assert f"--exit-timeout-secs={server.EXIT_TIMEOUT_S}" in cmd
     assert f"--cache-config=local,size={512 * 1024 * 1024}" in cmd
+    assert opts.embedding_cache_mb == 512  # the image_embedding models' own cache
     assert "--http-port=9000" in cmd and "--grpc-port=8001" in cmd and "--metrics-port=8002" in cmd
     assert f"--http-max-input-size={40 * 1024 * 1024}" in cmd
 

@@ -44,7 +44,11 @@ def test_gpu_configs_are_tensorrt_models_with_ragged_decoder():
             assert cfg.platform == "tensorrt_plan" and cfg.default_model_filename == "model.plan"
             assert [g.kind for g in cfg.instance_group] == [mc.ModelInstanceGroup.KIND_GPU]
             assert cfg.HasField("dynamic_batching")
-        assert list(enc.input[0].dims) == [3, v.encoder_size, v.encoder_size] and enc.response_cache.enable
+        assert list(enc.input[0].dims) == [3, v.encoder_size, v.encoder_size]
+        # The embedding cache in front of the engine: a CPU python model calling it through BLS.
+        emb = cfgs[names.image_embedding]
+        assert emb.backend == "python" and [g.kind for g in emb.instance_group] == [mc.ModelInstanceGroup.KIND_CPU]
+        assert emb.parameters["image_encoder"].string_value == names.image_encoder
         ragged = {t.name: (list(t.dims), list(t.reshape.shape)) for t in dec.input if t.allow_ragged_batch}
         assert ragged == {spec.PROMPT_COORDS_NAME: ([-1, -1, 2], [-1]), spec.PROMPT_LABELS_NAME: ([-1, -1], [-1]),
                           spec.MODEL_MASK_INPUTS_NAME: ([-1, 256, 256], [-1]), spec.HAS_MASK_INPUT_NAME: ([-1], [])}
@@ -63,7 +67,7 @@ def test_gpu_configs_are_tensorrt_models_with_ragged_decoder():
         assert cfgs[names.preprocess].parameters["pad_prompt_tokens"].string_value == str(tokens)
         # The CPU-side steps are the very same models as on the CPU target.
         cpu = model_configs([v], {v.name: WeightsInfo("w", random=False)}, ServingOptions())
-        for name in (names.preprocess, spec.POSTPROCESS, names.ensemble, names.encode_ensemble):
+        for name in (names.preprocess, names.image_embedding, spec.POSTPROCESS, names.ensemble, names.encode_ensemble):
             if name == spec.POSTPROCESS:
                 continue  # lists the variants it serves
             gpu_cfg, cpu_cfg = mc.ModelConfig(), mc.ModelConfig()
@@ -72,6 +76,7 @@ def test_gpu_configs_are_tensorrt_models_with_ragged_decoder():
             for cfg in (gpu_cfg, cpu_cfg):
                 cfg.ClearField("instance_group")
                 cfg.parameters.pop("pad_prompt_tokens", None)  # the GPU's fixed token count, checked above
+                cfg.parameters.pop("decode_threads", None)  # more threads to keep a GPU fed
             assert gpu_cfg == cpu_cfg, name
         assert cfgs[names.preprocess].instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
     for cfg in cfgs.values():  # Triton's own schema reads them back unchanged

@@ -53,15 +53,6 @@ class StepRuntime:
         """The fp32 ONNX Runtime reference every other choice is gated against."""
         return self == StepRuntime()
 
-    @classmethod
-    def parse(cls, text: str) -> "StepRuntime":
-        """'openvino-bf16' / 'onnxruntime' (fp32) -> StepRuntime."""
-        runtime, _, precision = text.partition("-")
-        return cls(runtime, precision or FP32)
-
-    def __str__(self) -> str:
-        return f"{self.runtime}-{self.precision}"
-
     def to_parameters(self) -> dict[str, str]:
         return {"runtime": self.runtime, "precision": self.precision}
 
