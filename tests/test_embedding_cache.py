@@ -148,13 +148,31 @@ def _png_with_late_exif(orientation: int) -> bytes:
     return data[:iend] + chunk + data[iend:]
 
 
-@pytest.mark.parametrize("name", list(IMAGES) + ["png-late-exif-6", "png-late-exif-1"])
+def _png_with_text_profile_exif(orientation: int) -> bytes:
+    """A PNG carrying its EXIF as ImageMagick's hex text profile, which Pillow also reads."""
+    from PIL import PngImagePlugin
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    payload = exif.tobytes()[6:] if exif.tobytes().startswith(b"Exif\0\0") else exif.tobytes()
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Raw profile type exif", f"\nexif\n{len(payload):8}\n{payload.hex()}\n", zip=True)
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 20), (200, 10, 30)).save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+EXTRA_PNGS = {"png-late-exif-6": lambda: _png_with_late_exif(6), "png-late-exif-1": lambda: _png_with_late_exif(1),
+              "png-text-profile-exif-6": lambda: _png_with_text_profile_exif(6)}
+
+
+@pytest.mark.parametrize("name", list(IMAGES) + list(EXTRA_PNGS))
 def test_header_size_is_the_decoded_size(name):
     """The served preprocess takes the size from the header (no pixels decoded);
     it must be the size of what the image embedding decodes, EXIF orientation included."""
-    data = IMAGES.get(name) or _png_with_late_exif(int(name[-1]))
+    data = IMAGES[name] if name in IMAGES else EXTRA_PNGS[name]()
     assert image_size(data) == decode_image(data).shape[:2]
-    if name == "png-late-exif-6":
+    if name.endswith("-6"):
         assert image_size(data) == (40, 20)  # turned by its orientation
 
 

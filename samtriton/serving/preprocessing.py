@@ -71,9 +71,11 @@ def image_size(data: bytes, limits: Limits = Limits()) -> tuple[int, int]:
     applied), from the header alone: what the prompts need, without decoding pixels."""
     img = _open_checked(data, limits)
     w, h = img.size
-    if img.format == "PNG" and "exif" not in img.info and b"eXIf" not in data and b"tiff:Orientation" not in data:
-        # No orientation anywhere in the file; Pillow's PNG getexif() would
-        # decode the pixels to look for an eXIf chunk after the image data.
+    if img.format == "PNG" and "exif" not in img.info and not any(
+            marker in data for marker in (b"eXIf", b"tiff:Orientation", b"Raw profile type exif")):
+        # No orientation anywhere in the file (EXIF chunk, XMP, ImageMagick's
+        # text profile); Pillow's PNG getexif() would decode the pixels to look
+        # for an eXIf chunk after the image data.
         return h, w
     try:
         orientation = img.getexif().get(0x0112, 1)
