@@ -35,7 +35,7 @@ def test_build_with_random_weights_says_so_loudly(tmp_path):
     assert proc.stdout.count("RANDOM WEIGHTS") >= 2  # before and after the build output
     text = (out / "mobilesam_image_encoder" / "config.pbtxt").read_text()
     assert "RANDOM WEIGHTS (seed 3)" in text and 'string_value: "true"' in text
-    for name in ("mobilesam_preprocess", "mobilesam_image_encoder", "mobilesam_mask_decoder", "postprocess",
+    for name in ("mobilesam_preprocess", "mobilesam_image_embedding", "mobilesam_image_encoder", "mobilesam_mask_decoder", "postprocess",
                  "sam_everything", "sam_everything_mobilesam"):
         assert (out / name / "1" / "model.py").exists()
     assert (out / "mobilesam_image_encoder" / "1" / "model.onnx").stat().st_size > 1_000_000
@@ -43,7 +43,7 @@ def test_build_with_random_weights_says_so_loudly(tmp_path):
         assert [p.name for p in (out / ensemble / "1").iterdir()] == [".gitkeep"]
     assert sorted(p.name for p in out.iterdir()) == sorted([
         "sam", "sam_encode", "sam_mobilesam", "sam_encode_mobilesam", "mobilesam_preprocess",
-        "mobilesam_image_encoder", "mobilesam_mask_decoder", "postprocess", "sam_everything",
+        "mobilesam_image_embedding", "mobilesam_image_encoder", "mobilesam_mask_decoder", "postprocess", "sam_everything",
         "sam_everything_mobilesam"])
 
 

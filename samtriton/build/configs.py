@@ -241,8 +241,11 @@ def variant_configs(variant: ModelVariant, weights: WeightsInfo, options: Servin
         pre.parameters[key].string_value = value
     # One instance: one cache for every request (it answers them concurrently).
     emb = _python_model(names.image_embedding, variant, weights, io[spec.IMAGE_EMBEDDING], instances=1)
+    # Misses in flight: what the encoder's queue holds (0: unbounded); Triton refuses
+    # more than that even while a batch executes.
+    max_misses = options.encoder_max_queue_size
     settings.update(image_encoder=names.image_encoder, embedding_cache_mb=str(options.embedding_cache_mb),
-                    decode_threads=str(options.embedding_decode_threads))
+                    decode_threads=str(options.embedding_decode_threads), max_misses_in_flight=str(max_misses))
     for key, value in settings.items():
         emb.parameters[key].string_value = value
 
