@@ -31,6 +31,21 @@ def step_session(args: dict):
     return make_session(path, step, threads=int(params.get("intra_op_threads", "0")))
 
 
+class StepFailed(RuntimeError):
+    """A BLS request to another model came back with an error (`code`: its Triton error code)."""
+
+    def __init__(self, model: str, error):
+        super().__init__(f"{model}: {error.message()}")
+        self.code = error.code() if hasattr(error, "code") else None
+
+
+def bls_output(response, model: str, name: str) -> np.ndarray:
+    """Output `name` of a BLS response from `model`, or StepFailed."""
+    if response.has_error():
+        raise StepFailed(model, response.error())
+    return pb_utils.get_output_tensor_by_name(response, name).as_numpy()
+
+
 def input_array(request, name: str) -> np.ndarray:
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     if tensor is None:

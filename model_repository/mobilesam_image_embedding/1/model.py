@@ -32,17 +32,11 @@ from samtriton.serving.preprocessing import (
     encoder_input,
     settings_fingerprint,
 )
-from samtriton.serving.triton_helpers import ErrorResponses, input_array, model_parameters, tensor
+from samtriton.serving.triton_helpers import ErrorResponses, StepFailed, bls_output, input_array, model_parameters, tensor
 
 
 class EncoderBusy(RuntimeError):
     """As many images as the encoder can hold are being embedded already."""
-
-
-class EncoderFailed(RuntimeError):
-    def __init__(self, model: str, error):
-        super().__init__(f"{model}: {error.message()}")
-        self.code = error.code() if hasattr(error, "code") else None
 
 
 class TritonPythonModel:
@@ -103,12 +97,10 @@ class TritonPythonModel:
             model_name=self.encoder_name, requested_output_names=[spec.IMAGE_EMBEDDINGS_NAME],
             inputs=[pb_utils.Tensor(spec.PIXEL_VALUES_NAME, pixels[np.newaxis])], preferred_memory=self.cpu)
         response = await request.async_exec()
-        if response.has_error():
-            raise EncoderFailed(self.encoder_name, response.error())
-        return pb_utils.get_output_tensor_by_name(response, spec.IMAGE_EMBEDDINGS_NAME).as_numpy().copy()
+        return bls_output(response, self.encoder_name, spec.IMAGE_EMBEDDINGS_NAME).copy()
 
     def _failure(self, exc):
-        if isinstance(exc, EncoderBusy) or (isinstance(exc, EncoderFailed)
+        if isinstance(exc, EncoderBusy) or (isinstance(exc, StepFailed)
                                             and exc.code == pb_utils.TritonError.UNAVAILABLE):
             # The encoder's queue is full or its timeout passed: the client may retry.
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.UNAVAILABLE))

@@ -34,15 +34,15 @@ from samtriton.serving.everything import (
 )
 from samtriton.serving.postprocessing import candidates
 from samtriton.serving.request_parameters import MULTIMASK_PARAMETER
-from samtriton.serving.triton_helpers import ErrorResponses, input_array, model_parameters, optional_array, tensor
-
-
-class StepFailed(RuntimeError):
-    """A BLS request to the encoder or decoder came back with an error."""
-
-    def __init__(self, model: str, error):
-        super().__init__(f"{model}: {error.message()}")
-        self.code = error.code() if hasattr(error, "code") else None
+from samtriton.serving.triton_helpers import (
+    ErrorResponses,
+    StepFailed,
+    bls_output,
+    input_array,
+    model_parameters,
+    optional_array,
+    tensor,
+)
 
 
 class TritonPythonModel:
@@ -70,7 +70,7 @@ class TritonPythonModel:
             model_name=self.encoder_name, requested_output_names=[spec.IMAGE_EMBEDDINGS_NAME],
             inputs=[pb_utils.Tensor(spec.PIXEL_VALUES_NAME, pixel_values[np.newaxis])], preferred_memory=self.cpu)
         response = await request.async_exec()
-        return self._output(response, self.encoder_name, spec.IMAGE_EMBEDDINGS_NAME)[0]
+        return bls_output(response, self.encoder_name, spec.IMAGE_EMBEDDINGS_NAME)[0]
 
     async def _embed(self, image_bytes, geometry):
         request = pb_utils.InferenceRequest(
@@ -79,7 +79,7 @@ class TritonPythonModel:
                     pb_utils.Tensor(spec.IMAGE_GEOMETRY.name, geometry.as_array())],
             preferred_memory=self.cpu)
         response = await request.async_exec()
-        return self._output(response, self.embedding_name, spec.IMAGE_EMBEDDINGS_NAME)[0]
+        return bls_output(response, self.embedding_name, spec.IMAGE_EMBEDDINGS_NAME)[0]
 
     async def _decode(self, embedding, prompts, multimask):
         inputs = [
@@ -95,14 +95,8 @@ class TritonPythonModel:
             parameters={MULTIMASK_PARAMETER: bool(multimask)})
         response = await request.async_exec()
         # [1, N, K, 256, 256], [1, N, K] -> the candidates asked for (a TensorRT engine sends all four)
-        return candidates(self._output(response, self.decoder_name, spec.LOW_RES_MASKS_NAME),
-                          self._output(response, self.decoder_name, spec.IOU_PREDICTIONS_NAME), multimask)
-
-    @staticmethod
-    def _output(response, model, name):
-        if response.has_error():
-            raise StepFailed(model, response.error())
-        return pb_utils.get_output_tensor_by_name(response, name).as_numpy()
+        return candidates(bls_output(response, self.decoder_name, spec.LOW_RES_MASKS_NAME),
+                          bls_output(response, self.decoder_name, spec.IOU_PREDICTIONS_NAME), multimask)
 
     async def _one(self, request):
         if self.drain_file and os.path.exists(self.drain_file):
