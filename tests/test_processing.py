@@ -12,7 +12,8 @@ from PIL import Image
 from torch.nn import functional as F
 
 from samtriton.serving.errors import InvalidInput
-from samtriton.serving.postprocessing import decode_rle, encode_rle, masks_from_logits
+from samtriton.serving.allocator import keep_freed_heap
+from samtriton.serving.postprocessing import decode_rle, encode_rle, masks_from_logits, upscaled_logits
 from samtriton.serving.preprocessing import decode_image, normalise_and_pad, resize_longest_side, resized_shape
 from samtriton.serving.prompts import Geometry, Limits, PromptInputs, transform_boxes, validate_boxes
 from samtriton.variants import SAM_PIXEL_MEAN, SAM_PIXEL_STD
@@ -70,6 +71,41 @@ def test_masks_match_upstream_postprocess(h, w):
     assert ours.shape == ref.shape and ours.dtype == bool
     disagree = (ours != ref).mean()
     assert disagree < 1e-4, f"{disagree:.2e} of pixels differ"
+
+
+@pytest.mark.parametrize("low,frame", [(256, 1024), (256, 512), (64, 512), (3, 6), (256, 768), (200, 1024)])
+def test_frame_upsampling_matches_torch(low, frame):
+    """The power-of-two path (256 -> 1024 in serving) and the matrix-product path for any
+    other ratio (768/256, 1024/200) give torch's values, edges included, in both layouts."""
+    rng = np.random.default_rng(low + frame)
+    logits = (rng.normal(size=(3, low, low)) * 4).astype(np.float32)
+    ref = F.interpolate(torch.from_numpy(logits)[:, None], (frame, frame), mode="bilinear", align_corners=False)[:, 0]
+    keep_h, keep_w = frame, frame * 2 // 3  # a crop on one axis: a landscape image
+    g = Geometry(keep_h, keep_w, keep_h, keep_w)
+    ((_, ours),) = list(upscaled_logits(logits, g, frame))
+    # Where the ratio is not a power of two, torch's float32 source coordinates are inexact
+    # and it forms the weights in another order: tens of ulps on logits of about 10.
+    exact = frame % low == 0 and (frame // low) & (frame // low - 1) == 0
+    np.testing.assert_allclose(ours, ref[:, :keep_h, :keep_w].numpy(), rtol=0, atol=2e-6 if exact else 2e-4)
+    ((_, ours_t),) = list(upscaled_logits(logits, g, frame, transposed=True))
+    np.testing.assert_allclose(ours_t.transpose(0, 2, 1), ours, rtol=0, atol=2e-6)
+
+
+def test_masks_come_column_major_for_rle():
+    """masks_from_logits' answer is the (H, W, N) column-major layout COCO RLE reads: no copy."""
+    low = np.random.default_rng(0).normal(size=(2, 256, 256)).astype(np.float32)
+    masks = masks_from_logits(low, Geometry(683, 1024, 683, 1024))
+    assert masks.shape == (2, 683, 1024)
+    assert np.shares_memory(np.asfortranarray(masks.transpose(1, 2, 0)), masks)
+    assert np.array_equal(decode_rle(encode_rle(masks)), masks)
+
+
+def test_keep_freed_heap_applies_on_glibc():
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip(f"mallopt is glibc's; this C library is {platform.libc_ver()[0] or 'unknown'}")
+    assert keep_freed_heap()
 
 
 def test_rle_round_trip_and_coco_format():

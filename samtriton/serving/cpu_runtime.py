@@ -103,9 +103,11 @@ class OpenVinoSession:
 
         core = ov.Core()
         # OpenVINO picks bf16 on its own where the CPU has it: the precision is set
-        # explicitly so that fp32 means fp32.
+        # explicitly so that fp32 means fp32.  No pinning: each Triton step is its own
+        # process, and threads pinned by several processes to the same cores cannot move
+        # to an idle one (perf/serving_overhead.py ran faster without, served and in-process).
         config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == BF16 else "f32",
-                  "PERFORMANCE_HINT": "LATENCY"}
+                  "PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False}
         if threads > 0:
             config["INFERENCE_NUM_THREADS"] = threads
         model = core.read_model(path)
@@ -120,7 +122,8 @@ class OpenVinoSession:
     def run(self, output_names, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         names = self.output_names if output_names is None else output_names
         with self._lock:
-            results = self._request.infer(feeds)  # copies the outputs (share_outputs=False)
+            # Reads the caller's arrays in place (they outlive the call); copies the outputs.
+            results = self._request.infer(feeds, share_inputs=True)
             by_name = dict(zip(self.output_names, results.values()))
         return [by_name[name] for name in names]
 

@@ -12,6 +12,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from samtriton import spec
+from samtriton.serving.allocator import keep_freed_heap
 from samtriton.serving.postprocessing import candidates, encode_rle, masks_from_logits
 from samtriton.serving.prompts import Geometry
 from samtriton.serving.request_parameters import multimask_output, requested_outputs
@@ -21,6 +22,8 @@ from samtriton.serving.triton_helpers import ErrorResponses, input_array, tensor
 class TritonPythonModel:
     def initialize(self, args):
         self.error = ErrorResponses(args)
+        # Its per-request temporaries (a few MB a mask) reuse freed heap instead of fresh pages.
+        keep_freed_heap()
 
     def _one(self, request):
         wanted = requested_outputs(request.parameters())
@@ -41,7 +44,8 @@ class TritonPythonModel:
                 rles = np.array(encode_rle(masks), dtype=np.object_).reshape(prompts_shape)
                 outputs.append(tensor(spec.MASKS_RLE.name, rles))
             if spec.MASKS.name in wanted:
-                outputs.append(tensor(spec.MASKS.name, masks.view(np.uint8).reshape(*prompts_shape, *masks.shape[1:])))
+                outputs.append(tensor(spec.MASKS.name, np.ascontiguousarray(
+                    masks.view(np.uint8).reshape(*prompts_shape, *masks.shape[1:]))))
         return outputs
 
     def execute(self, requests):
