@@ -207,3 +207,45 @@ def test_the_parity_check_catches_a_graph_that_froze_its_batch_size(tmp_path):
         shapes[frozen] = encoder_batch_shape(path, 2)
     assert shapes[False] == (2, 256, 64, 64)
     assert shapes[True] != (2, 256, 64, 64)
+
+
+def test_lean_attention_changes_neither_values_nor_graph(tmp_path):
+    """The build's in-place relative positions (SAM ViT): bit-identical embeddings in PyTorch,
+    the same exported operators, the same ONNX Runtime answer, and upstream's function back after."""
+    import collections
+
+    import onnx
+    import onnxruntime as ort
+    from segment_anything.modeling import image_encoder as upstream
+
+    from samtriton.build.export_wrappers import lean_attention
+    from samtriton.build.onnx_export import _export
+
+    torch.manual_seed(0)
+    encoder = upstream.ImageEncoderViT(img_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2, out_chans=16,
+                                       use_rel_pos=True, rel_pos_zero_init=False, window_size=4,
+                                       global_attn_indexes=(1,)).eval()
+    for block in encoder.blocks:  # random relative positions: zeros would hide a dropped term
+        torch.nn.init.normal_(block.attn.rel_pos_h)
+        torch.nn.init.normal_(block.attn.rel_pos_w)
+    x = torch.randn(1, 3, 64, 64)
+    original = upstream.add_decomposed_rel_pos
+    with torch.no_grad():
+        plain = encoder(x).numpy()
+        with lean_attention(encoder):
+            assert upstream.add_decomposed_rel_pos is not original
+            lean = encoder(x).numpy()
+    assert upstream.add_decomposed_rel_pos is original
+    np.testing.assert_array_equal(lean, plain)
+
+    graphs, answers = {}, {}
+    for name in ("plain", "lean"):
+        path = tmp_path / f"{name}.onnx"
+        context = lean_attention(encoder) if name == "lean" else batch_agnostic(encoder)
+        with torch.no_grad(), context:
+            _export(encoder, (x,), path, ["x"], ["y"], {"x": {0: "n"}, "y": {0: "n"}})
+        graphs[name] = collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+        answers[name] = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    assert graphs["lean"] == graphs["plain"] and graphs["plain"]["Einsum"] == 4
+    np.testing.assert_array_equal(answers["lean"], answers["plain"])
+    np.testing.assert_allclose(answers["lean"], plain, atol=1e-4)

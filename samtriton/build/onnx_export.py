@@ -23,6 +23,7 @@ from samtriton.build.export_wrappers import (
     PromptMaskDecoderExport,
     RaggedPromptMaskDecoderExport,
     batch_agnostic,
+    lean_attention,
 )
 from samtriton.build.memory import release_memory
 from samtriton.serving import decoder_batch
@@ -93,7 +94,7 @@ def export_encoder(sam: torch.nn.Module, encoder_size: int, path: Path) -> None:
     encoder = ImageEncoderExport(sam).eval()
     example = torch.zeros(1, 3, encoder_size, encoder_size)
     pv, emb = spec.PIXEL_VALUES_NAME, spec.IMAGE_EMBEDDINGS_NAME
-    with torch.no_grad(), batch_agnostic(encoder):
+    with torch.no_grad(), batch_agnostic(encoder), lean_attention(encoder):
         _export(encoder, (example,), path, [pv], [emb], {pv: {0: "images"}, emb: {0: "images"}})
 
 
@@ -202,7 +203,7 @@ def check_parity(sam: torch.nn.Module, encoder_size: int, encoder_path: Path, de
     # activations go back to the system before ONNX Runtime (without its arena,
     # so its activations go after each run) loads the graph: the two encoders'
     # activations (GBs for ViT-B) never coexist, nor does either with the other's session.
-    with torch.no_grad():
+    with torch.no_grad(), lean_attention(sam.image_encoder):
         torch_emb = np.concatenate([sam.image_encoder(torch.from_numpy(p[np.newaxis])).numpy() for p in pixels])
     release_memory()
     opts = ort.SessionOptions()
