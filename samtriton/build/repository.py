@@ -133,7 +133,9 @@ def _export_variant(source: ModelSource, out_dir: Path, tmp: Path, log,
     log(f"[{variant.name}] checking ONNX Runtime against PyTorch (boxes, points, box + points, mask inputs; "
         "all mask tokens)")
     release_memory()
-    parity = check_parity(sam, variant.encoder_size, encoder_onnx, decoder_onnx, ragged_tokens=ragged_tokens)
+    # The PyTorch model goes after the check (`del sam` below): its encoder already inside it.
+    parity = check_parity(sam, variant.encoder_size, encoder_onnx, decoder_onnx, ragged_tokens=ragged_tokens,
+                          keep_torch_encoder=False)
     for line in parity.lines():
         log("  " + line)
     if parity.problems():
