@@ -85,7 +85,7 @@ def lean_attention(module: nn.Module):
             owner = sys.modules[type(sub).__module__]
             if hasattr(owner, "add_decomposed_rel_pos") and hasattr(owner, "get_rel_pos"):
                 upstreams[owner.__name__] = (owner, owner.add_decomposed_rel_pos)
-    for owner, original in upstreams.values():
+    for owner, _ in upstreams.values():
         owner.add_decomposed_rel_pos = functools.partial(_add_rel_pos_in_place, owner)
     try:
         yield module
