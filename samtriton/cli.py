@@ -167,6 +167,7 @@ def cmd_build(args) -> int:
     from samtriton.build.checkpoint import CheckpointError
     from samtriton.build.download import CheckpointDownloadError, resolve_checkpoint
     from samtriton.build.accuracy_gate import GateError
+    from samtriton.build.memory import bound_malloc_arenas
     from samtriton.build.repository import ModelSource, ParityError, build_repository
     from samtriton.variants import UnknownModelError, get_variant
 
@@ -186,6 +187,7 @@ def cmd_build(args) -> int:
         return fail(e, 2)
     if args.random_weights and (checkpoints or sha256s):
         return fail("--random-weights excludes --checkpoint and --checkpoint-sha256", 2)
+    bound_malloc_arenas()  # the build's peak memory (perf/build_memory.py)
     try:
         sources = []
         for variant in variants:

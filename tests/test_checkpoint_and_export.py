@@ -249,3 +249,15 @@ def test_lean_attention_changes_neither_values_nor_graph(tmp_path):
     assert graphs["lean"] == graphs["plain"] and graphs["plain"]["Einsum"] == 4
     np.testing.assert_array_equal(answers["lean"], answers["plain"])
     np.testing.assert_allclose(answers["lean"], plain, atol=1e-4)
+
+
+def test_build_bounds_malloc_arenas_on_glibc():
+    """`samtriton build` caps glibc's heaps (its peak memory); mallopt says whether it took."""
+    import platform
+    import subprocess
+    import sys
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip(f"mallopt is glibc's; this C library is {platform.libc_ver()[0] or 'unknown'}")
+    code = "from samtriton.build.memory import bound_malloc_arenas; raise SystemExit(0 if bound_malloc_arenas() else 3)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -105,7 +105,8 @@ class OpenVinoSession:
         # OpenVINO picks bf16 on its own where the CPU has it: the precision is set
         # explicitly so that fp32 means fp32.  No pinning: OpenVINO pins a process's threads
         # as if the cores were its own, and each Triton step is a process of its own
-        # (perf/serving_overhead.py ran faster without, served and in-process).
+        # (perf/serving_overhead.py: as fast without in two runs, 7-11 % faster on both
+        # sides in one).
         config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == BF16 else "f32",
                   "PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False}
         if threads > 0:
