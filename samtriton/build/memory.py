@@ -5,6 +5,8 @@ from __future__ import annotations
 import ctypes
 import gc
 
+from samtriton.serving.allocator import M_ARENA_MAX, mallopt
+
 
 def release_memory() -> None:
     """Give the memory a finished build step freed back to the system: glibc keeps
@@ -17,16 +19,10 @@ def release_memory() -> None:
         pass
 
 
-_M_ARENA_MAX = -8
-
-
 def bound_malloc_arenas(count: int = 2) -> bool:
     """At most `count` glibc heaps in this process from now on.  By default each
     thread that allocates (ONNX Runtime's and PyTorch's pools) may get a heap of
     its own, and what one keeps freed the others cannot reuse: sam-vit-b's build
     peaked 0.4-0.6 GB higher in 2 runs of 6 that way (perf/README.md).  False
     where the C library is not glibc."""
-    try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_ARENA_MAX, count))
-    except (OSError, AttributeError):
-        return False
+    return mallopt(M_ARENA_MAX, count)

@@ -12,17 +12,22 @@ from __future__ import annotations
 
 import ctypes
 
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
+# mallopt(3) options, from glibc's malloc.h.
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
 MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for the adaptive threshold
 TRIM_THRESHOLD = 64 << 20
 
 
-def keep_freed_heap(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM_THRESHOLD) -> bool:
-    """Apply the thresholds to this process; False where the C library is not glibc."""
+def mallopt(option: int, value: int) -> bool:
+    """glibc's mallopt(3) for this process; False where it failed or the C library is not glibc."""
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(
-            libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+        return bool(ctypes.CDLL("libc.so.6").mallopt(option, value))
     except (OSError, AttributeError):
         return False
+
+
+def keep_freed_heap(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM_THRESHOLD) -> bool:
+    """Apply the thresholds to this process; False where the C library is not glibc."""
+    return mallopt(M_MMAP_THRESHOLD, mmap_threshold) and mallopt(M_TRIM_THRESHOLD, trim_threshold)

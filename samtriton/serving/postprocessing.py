@@ -9,13 +9,13 @@ percent of IoU; this module reproduces the two steps with torch's sampling
 rule in numpy.  The crop is folded into the first step by computing only the
 rows and columns that survive it.
 
-The first step upsamples by a whole power of two (256 -> 1024), where torch's
-source coordinate is exact and the two taps repeat every `factor` outputs:
-each axis is `factor` strided multiply-adds over shifted slices: two products
-an output instead of a 256-long dot product, no gathers, no BLAS threads to
-share with the decoder's process (one 683x1024 mask: 0.9 ms against 3.8 ms on
-one core of the machine in perf/README.md).  Any other
-ratio runs as two dense matrix products.  The second step maps to an
+The first step upsamples by a whole power of two (256 -> 1024, the same
+for every variant), where torch's source coordinate is exact and the two
+taps repeat every `factor` outputs: each axis is `factor` strided
+multiply-adds over shifted slices, two products an output instead of a dense
+matrix's 256-long dot product, no gathers, no BLAS threads to share with the
+decoder's process (one 683x1024 mask: 0.9 ms against 3.8 ms for the matrix
+products on one core of the machine in perf/README.md).  The second step maps to an
 arbitrary, possibly large, output and runs as two-tap gathers, skipped when the
 size does not change.
 
@@ -26,7 +26,6 @@ RLE encodes from, so `encode_rle` reads it without a copy.
 
 from __future__ import annotations
 
-import functools
 import json
 from dataclasses import dataclass
 
@@ -70,37 +69,19 @@ def bilinear_taps(in_size: int, out_size: int, keep: int | None = None) -> Taps:
     return Taps(i0, i1, w0, w1)
 
 
-def dense_weights(taps: Taps, in_size: int) -> np.ndarray:
-    """The (out, in) matrix of a Taps: row i holds w0[i] at i0[i] and w1[i] at i1[i]
-    (their sum where the two taps coincide, at the last input)."""
-    weights = np.zeros((taps.i0.shape[0], in_size), dtype=np.float32)
-    rows = np.arange(taps.i0.shape[0])
-    weights[rows, taps.i0] = taps.w0
-    weights[rows, taps.i1] += taps.w1  # each row once per statement: no lost update
-    return weights
-
-
-@functools.lru_cache(maxsize=64)
-def _upsampling_weights(in_size: int, out_size: int, keep: int) -> np.ndarray:
-    """dense_weights of the low-res -> prompt-frame upsampling, kept: a request's
-    image size repeats, and building them costs as much as using them."""
-    weights = dense_weights(bilinear_taps(in_size, out_size, keep=keep), in_size)
-    weights.setflags(write=False)
-    return weights
-
-
 def _along(x: np.ndarray, axis: int, start: int, stop: int) -> np.ndarray:
     index = [slice(None)] * x.ndim
     index[axis] = slice(start, stop)
     return x[tuple(index)]
 
 
-def _periodic_factor(in_size: int, out_size: int) -> int | None:
-    """The upsampling factor where torch's taps repeat exactly (a power of two), else None."""
+def _periodic_factor(in_size: int, out_size: int) -> int:
+    """The upsampling factor, a power of two: there torch's taps repeat exactly."""
     factor, rest = divmod(out_size, in_size)
     # Block 1 (the taps read there) must be clear of both edges: 3 inputs at least.
-    periodic = rest == 0 and factor >= 2 and factor & (factor - 1) == 0 and in_size >= 3
-    return factor if periodic else None
+    if rest or factor < 2 or factor & (factor - 1) or in_size < 3:
+        raise ValueError(f"upsampling {in_size} -> {out_size}: only whole power-of-two factors are supported")
+    return factor
 
 
 def _upsample_axis(x: np.ndarray, axis: int, factor: int, keep: int) -> np.ndarray:
@@ -136,13 +117,9 @@ def _upsample_axis(x: np.ndarray, axis: int, factor: int, keep: int) -> np.ndarr
 def _to_frame(low_res: np.ndarray, frame_size: int, keep_rows: int, keep_cols: int) -> np.ndarray:
     """(n, h, w) logits -> (n, keep_rows, keep_cols): the top-left of their upsampling to the frame."""
     _, h, w = low_res.shape
-    row_factor, col_factor = _periodic_factor(h, frame_size), _periodic_factor(w, frame_size)
-    if row_factor and col_factor:
-        # Rows first, while the rows are still 256 wide.
-        return _upsample_axis(_upsample_axis(low_res, 1, row_factor, keep_rows), 2, col_factor, keep_cols)
-    up_rows = _upsampling_weights(h, frame_size, keep_rows)
-    up_cols_t = _upsampling_weights(w, frame_size, keep_cols).T
-    return np.matmul(up_rows, np.matmul(low_res, up_cols_t))
+    # Rows first, while the rows are still 256 wide.
+    rows = _upsample_axis(low_res, 1, _periodic_factor(h, frame_size), keep_rows)
+    return _upsample_axis(rows, 2, _periodic_factor(w, frame_size), keep_cols)
 
 
 def _resize(x: np.ndarray, rows: Taps, cols: Taps) -> np.ndarray:
@@ -177,8 +154,8 @@ def upscaled_logits(low_res: np.ndarray, geometry: Geometry, frame_size: int = P
         low_res = np.ascontiguousarray(low_res.transpose(0, 2, 1))
         in_rows, in_cols, out_rows, out_cols = in_cols, in_rows, out_cols, out_rows
     same_size = (in_rows, in_cols) == (out_rows, out_cols)
-    down_rows = bilinear_taps(in_rows, out_rows)
-    down_cols = bilinear_taps(in_cols, out_cols)
+    if not same_size:
+        down_rows, down_cols = bilinear_taps(in_rows, out_rows), bilinear_taps(in_cols, out_cols)
 
     per_mask = max(in_rows * in_cols, out_rows * out_cols)
     chunk = max(1, _CHUNK_ELEMENTS // per_mask)
