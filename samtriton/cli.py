@@ -119,6 +119,7 @@ def serving_options(args):
                                        else tuple(args.encoder_preferred_batch_sizes)),
         decoder_max_batch_size=args.decoder_max_batch_size,
         decoder_queue_delay_us=args.decoder_queue_delay_us,
+        encoder_max_misses=args.encoder_max_misses,
         encoder_max_queue_size=args.encoder_max_queue_size,
         decoder_max_queue_size=args.decoder_max_queue_size,
         queue_timeout_s=args.queue_timeout_s,
@@ -573,15 +574,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests per decoder call (ragged batching); default "
                         f"{defaults.decoder_max_batch_size} (cpu), {gpu.decoder_max_batch_size} (gpu)")
     p.add_argument("--decoder-queue-delay-us", type=int)
+    p.add_argument("--encoder-max-misses", type=int,
+                   help="new images being embedded at once beyond this are refused with UNAVAILABLE (0: unbounded); "
+                        f"default {defaults.encoder_max_misses} (cpu), {gpu.encoder_max_misses} (gpu)")
     p.add_argument("--encoder-max-queue-size", type=int,
-                   help="requests waiting for the encoder beyond this are refused with UNAVAILABLE (0: unbounded); "
-                        f"default {defaults.encoder_max_queue_size} (cpu), {gpu.encoder_max_queue_size} (gpu)")
+                   help="a Triton queue policy on the encoder: requests waiting beyond this are refused with "
+                        "UNAVAILABLE; default 0, no policy (a policy stops Triton's batcher from prefetching: "
+                        "up to 500 ms idle between batches under load, see README)")
     p.add_argument("--queue-timeout-s", type=float,
-                   help="a request queued longer than this is refused with UNAVAILABLE (0: never); default "
-                        f"{defaults.queue_timeout_s:g} (cpu), {gpu.queue_timeout_s:g} (gpu)")
+                   help="a Triton queue policy on the encoder and decoder: a request queued longer than this is "
+                        "refused with UNAVAILABLE; default 0, no policy")
     p.add_argument("--decoder-max-queue-size", type=int,
-                   help=f"the same for the decoder; default {defaults.decoder_max_queue_size} (cpu), "
-                        f"{gpu.decoder_max_queue_size} (gpu)")
+                   help="the same as --encoder-max-queue-size for the decoder; default 0, no policy")
     p.add_argument("--intra-op-threads", type=int, default=defaults.intra_op_threads,
                    help="ONNX Runtime / OpenVINO threads per model instance (0: all cores)")
     for step in ("encoder", "decoder"):

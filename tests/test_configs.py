@@ -210,9 +210,21 @@ def test_backpressure_settings_reach_the_batched_models():
     for policy in (enc, dec):
         assert policy.timeout_action == mc.ModelQueuePolicy.REJECT
         assert policy.default_timeout_microseconds == 2_500_000 and policy.allow_timeout_override
-    unbounded = model_configs([VARIANT], {VARIANT.name: TEMPLATE_WEIGHTS},
-                              ServingOptions(encoder_max_queue_size=0, queue_timeout_s=0))
-    assert not unbounded[NAMES.image_encoder].dynamic_batching.HasField("default_queue_policy")
+    # The misses the cache step lets through never exceed what the encoder's queue holds.
+    assert cfgs[NAMES.image_embedding].parameters["max_misses_in_flight"].string_value == "5"
+
+
+@pytest.mark.parametrize("target, misses", [("cpu", "32"), ("gpu", "128")])
+def test_default_backpressure_leaves_triton_batchers_prefetching(target, misses):
+    """By default new images are bounded at the cache step and the batched models carry no
+    queue policy: any policy stops Triton's dynamic batcher from prefetching the next batch."""
+    cfgs = model_configs([VARIANT], {VARIANT.name: TEMPLATE_WEIGHTS}, ServingOptions.for_target(target))
+    for name in (NAMES.image_encoder, NAMES.mask_decoder):
+        assert cfgs[name].HasField("dynamic_batching")
+        assert not cfgs[name].dynamic_batching.HasField("default_queue_policy"), name
+    assert cfgs[NAMES.image_embedding].parameters["max_misses_in_flight"].string_value == misses
+    unbounded = model_configs([VARIANT], {VARIANT.name: TEMPLATE_WEIGHTS}, ServingOptions(encoder_max_misses=0))
+    assert unbounded[NAMES.image_embedding].parameters["max_misses_in_flight"].string_value == "0"
 
 
 def test_everything_models_drive_their_own_variant():

@@ -77,7 +77,7 @@ def test_gpu_configs_are_tensorrt_models_with_ragged_decoder():
                 cfg.ClearField("instance_group")
                 cfg.parameters.pop("pad_prompt_tokens", None)  # the GPU's fixed token count, checked above
                 cfg.parameters.pop("decode_threads", None)  # more threads to keep a GPU fed
-                cfg.parameters.pop("max_misses_in_flight", None)  # the encoder's queue: 128 on the GPU, 32 on CPU
+                cfg.parameters.pop("max_misses_in_flight", None)  # new images in flight: 128 on the GPU, 32 on CPU
             assert gpu_cfg == cpu_cfg, name
         assert cfgs[names.preprocess].instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
     for cfg in cfgs.values():  # Triton's own schema reads them back unchanged

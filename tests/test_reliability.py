@@ -46,12 +46,13 @@ NAMES = spec.model_names("mobilesam")
 @pytest.fixture(scope="module")
 def small_queue_repository(built_repository, tmp_path_factory) -> Path:
     """The default variant of the test repository, with an encoder that takes
-    one image per call and queues at most 2, and no embedding cache (configs
+    one image per call, at most 2 new images let through to it (the default
+    mechanism: no Triton queue policy), and no embedding cache (configs
     regenerated, ONNX reused)."""
     source, _ = built_repository
     repo = tmp_path_factory.mktemp("small_queue") / "repo"
     variant = get_variant("mobilesam")
-    options = ServingOptions(encoder_max_batch_size=1, encoder_max_queue_size=2, embedding_cache_mb=0)
+    options = ServingOptions(encoder_max_batch_size=1, encoder_max_misses=2, embedding_cache_mb=0)
     configs = model_configs([variant], {variant.name: WeightsInfo("test", random=True)}, options)
     for name in configs:  # hard links: the ONNX files are not copied
         shutil.copytree(source / name, repo / name, copy_function=os.link)

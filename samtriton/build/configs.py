@@ -50,16 +50,22 @@ class ServingOptions:
     decoder_max_batch_size: int = 16
     decoder_queue_delay_us: int = 0
     decoder_instances: int = 1
-    # Backpressure: requests beyond these queue lengths are refused at once
-    # with UNAVAILABLE ("Exceeds maximum queue size") instead of piling up;
-    # 0 lets the queues grow without bound.  CPU: 32 images is ~30 s of encoder
-    # work on 2 cores.
-    encoder_max_queue_size: int = 32
-    decoder_max_queue_size: int = 64
-    # A request that waits longer than this in a queue is refused (UNAVAILABLE)
-    # rather than served after its client gave up; clients may ask for less
-    # with a request timeout.  0: no limit.
-    queue_timeout_s: float = 60.0
+    # Backpressure: new images beyond this many being embedded at once are
+    # refused at once by the embedding-cache step with UNAVAILABLE ("exceeds
+    # maximum queue size") instead of piling up in front of the encoder.  CPU:
+    # 32 images is ~5-50 s of encoder work on 2 cores.
+    encoder_max_misses: int = 32
+    # Triton's own queue policy on the encoder and decoder (a queue bound and a
+    # REJECT timeout that clients may shorten); 0: none, the default.  Any
+    # policy turns off the dynamic batcher's prefetching (Triton core's
+    # PriorityQueue), and without it a batcher that found its instance busy
+    # sleeps until the next request arrives or 500 ms pass: the instance sits
+    # idle with requests queued (seen in Triton's traces: 500-570 ms gaps in
+    # the decoder under load).  MobileSAM, 2 cores: served / in-process
+    # throughput 0.87x with both policies, 0.95x without (perf/README.md).
+    encoder_max_queue_size: int = 0
+    decoder_max_queue_size: int = 0
+    queue_timeout_s: float = 0.0
     preprocess_instances: int = 2
     postprocess_instances: int = 2
     # sam_everything: concurrent requests per model, the prompts per decoder
@@ -99,8 +105,7 @@ class ServingOptions:
             base.update(encoder_max_batch_size=8, encoder_queue_delay_us=1000, encoder_preferred_batch_sizes=(4, 8),
                         decoder_max_batch_size=4, decoder_queue_delay_us=500, preprocess_instances=4,
                         embedding_decode_threads=4,
-                        postprocess_instances=4, encoder_max_queue_size=128, decoder_max_queue_size=128,
-                        queue_timeout_s=10.0)
+                        postprocess_instances=4, encoder_max_misses=128)
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
 
@@ -241,9 +246,11 @@ def variant_configs(variant: ModelVariant, weights: WeightsInfo, options: Servin
         pre.parameters[key].string_value = value
     # One instance: one cache for every request (it answers them concurrently).
     emb = _python_model(names.image_embedding, variant, weights, io[spec.IMAGE_EMBEDDING], instances=1)
-    # Misses in flight: what the encoder's queue holds (0: unbounded); Triton refuses
-    # more than that even while a batch executes.
-    max_misses = options.encoder_max_queue_size
+    # Misses in flight (0: unbounded), never more than a Triton queue bound on the encoder
+    # holds: a BLS request the encoder refuses keeps its 12 MB input in Triton 2.51's python
+    # backend (measured: +25 MB resident per refusal, never given back).
+    bounds = [n for n in (options.encoder_max_misses, options.encoder_max_queue_size) if n > 0]
+    max_misses = min(bounds, default=0)
     settings.update(image_encoder=names.image_encoder, embedding_cache_mb=str(options.embedding_cache_mb),
                     decode_threads=str(options.embedding_decode_threads), max_misses_in_flight=str(max_misses))
     for key, value in settings.items():
