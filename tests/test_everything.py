@@ -169,9 +169,12 @@ def test_bad_parameters_name_the_parameter(triton_server, protocol):
         assert len(c.segment_everything(IMAGE, **dict(KEEP_ALL, points_per_side=2))) == 12
 
 
-def test_embedding_cache_and_decoder_batching(triton_server):
+def test_embedding_cache_and_decoder_requests(triton_server):
     """A second request on the same image runs no encoder (the embedding cache `sam`
-    shares); two at once share decoder executions."""
+    shares), and two at once each send the decoder their prompts in requests of 8.
+    (They need not share executions: each keeps one decoder request in flight and
+    Triton's batcher hands a lone queued request to the decoder as soon as it is
+    free; cross-request batching is tested in test_batching_and_cache.)"""
     image = _png(21)
     params = dict(KEEP_ALL, points_per_side=6)
     encoder = spec.model_names("mobilesam").image_encoder
@@ -197,9 +200,8 @@ def test_embedding_cache_and_decoder_batching(triton_server):
     assert enc_after["execution_count"] == enc_before["execution_count"]
     assert events["hit"] == events_before["hit"] + 2 and events["miss"] == events_before["miss"]
     requests = dec_after["inference_count"] - dec_before["inference_count"]
-    executions = dec_after["execution_count"] - dec_before["execution_count"]
     # 36 points in requests of 8 prompts: 5 per everything-request.
-    assert requests == 10 and executions < requests, (requests, executions)
+    assert requests == 10, requests
     for r in results:
         assert r.rles == first.rles
         np.testing.assert_array_equal(r.scores, first.scores)
