@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import ctypes
 import gc
 
-from samtriton.serving.allocator import M_ARENA_MAX, mallopt
+from samtriton.serving.allocator import M_ARENA_MAX, malloc_trim, mallopt
 
 
 def release_memory() -> None:
@@ -13,10 +12,7 @@ def release_memory() -> None:
     freed heap (in every thread's arena) for reuse, so without this one step's
     peak stays resident under the next one's."""
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    malloc_trim()
 
 
 def bound_malloc_arenas(count: int = 2) -> bool:

@@ -20,12 +20,26 @@ MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for the adaptive threshold
 TRIM_THRESHOLD = 64 << 20
 
 
+def _glibc():
+    """The C library, or None where it is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
 def mallopt(option: int, value: int) -> bool:
     """glibc's mallopt(3) for this process; False where it failed or the C library is not glibc."""
-    try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(option, value))
-    except (OSError, AttributeError):
-        return False
+    libc = _glibc()
+    return bool(libc and libc.mallopt(option, value))
+
+
+def malloc_trim() -> bool:
+    """Give freed heap back to the system (glibc's malloc_trim(3)); False where nothing was
+    given back or the C library is not glibc."""
+    libc = _glibc()
+    return bool(libc and libc.malloc_trim(0))
 
 
 def keep_freed_heap(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM_THRESHOLD) -> bool:

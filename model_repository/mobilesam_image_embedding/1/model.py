@@ -45,10 +45,11 @@ class TritonPythonModel:
         params = model_parameters(args)
         self.settings = PreprocessSettings.from_parameters(params)
         self.encoder_name = params["image_encoder"]
-        # Requests beyond what the encoder's queue and batch hold are refused here
-        # (UNAVAILABLE), not by the encoder: Triton 2.51's python backend keeps the
-        # 12 MB input of a BLS request the encoder refuses (measured: +25 MB
-        # resident per refusal, never given back).  0: no bound.
+        # New images beyond this many in flight are refused here (UNAVAILABLE), not
+        # by the encoder: a Triton queue policy there stops its batcher from
+        # prefetching, and Triton 2.51's python backend keeps the 12 MB input of a BLS
+        # request the encoder refuses (measured: +25 MB resident per refusal, never
+        # given back).  0: no bound.
         self.max_misses = int(params["max_misses_in_flight"])
         self.misses = 0
         self.context = f"{params['samtriton_model']}|{settings_fingerprint(self.settings)}"
@@ -84,7 +85,7 @@ class TritonPythonModel:
         if self.max_misses and self.misses >= self.max_misses:
             # Triton's own words for a full queue, which clients (and the SDK) know as backpressure.
             raise EncoderBusy(f"{self.encoder_name}: exceeds maximum queue size ({self.misses} new images are "
-                              "being embedded, as many as its queue holds); retry later or on another replica")
+                              "being embedded, the build's bound); retry later or on another replica")
         self.misses += 1
         try:
             return await self._encode_now(image_bytes, geometry)
