@@ -124,6 +124,9 @@ def test_rle_round_trip_and_coco_format():
     assert first["size"] == [37, 53] and isinstance(first["counts"], str)
     assert np.array_equal(decode_rle(encoded), masks)
     assert encode_rle(np.zeros((0, 5, 5), bool)) == []
+    # Masks of two images cannot share one array.
+    with pytest.raises(ValueError, match=r"different sizes: \[\(37, 53\), \(53, 37\)\]"):
+        decode_rle(encoded[:1] + encode_rle(masks[:1].transpose(0, 2, 1)))
 
 
 def _png(mode: str, size=(40, 30), **info) -> bytes:

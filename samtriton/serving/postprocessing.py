@@ -180,27 +180,37 @@ def encode_rle(masks: np.ndarray) -> list[bytes]:
     """(N, H, W) bool -> one COCO compressed RLE per mask, as JSON bytes {"size": [h, w], "counts": str}."""
     from pycocotools import mask as mask_utils
 
-    if masks.shape[0] == 0:
-        return []
-    # (H, W, N) column-major uint8: a view of masks_from_logits' answer, one copy of any other array.
-    rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0)).view(np.uint8))
-    return [
-        json.dumps({"size": [int(s) for s in r["size"]], "counts": r["counts"].decode("ascii")}).encode()
-        for r in rles
-    ]
+    out = []
+    # One mask a call: each mask of masks_from_logits' answer is column-major already, so
+    # asfortranarray is a view; another array is copied one mask at a time, never as a whole stack
+    # (segment-everything encodes a hundred full-size masks at once).
+    for mask in masks:
+        r = mask_utils.encode(np.asfortranarray(mask).view(np.uint8))
+        out.append(json.dumps({"size": [int(s) for s in r["size"]], "counts": r["counts"].decode("ascii")}).encode())
+    return out
 
 
 def decode_rle(encoded: list[bytes | str]) -> np.ndarray:
-    """Inverse of `encode_rle`: JSON COCO RLEs -> (N, H, W) bool."""
+    """Inverse of `encode_rle`: JSON COCO RLEs, all of one size -> (N, H, W) bool, column-major per
+    mask (the layout RLE decodes to; `np.ascontiguousarray` gives a row-major copy)."""
     from pycocotools import mask as mask_utils
 
     rles = []
     for item in encoded:
         rle = json.loads(item)
-        rles.append({"size": rle["size"], "counts": rle["counts"].encode("ascii")})
+        rles.append({"size": [int(s) for s in rle["size"]], "counts": rle["counts"].encode("ascii")})
     if not rles:
         return np.zeros((0, 0, 0), dtype=bool)
-    return mask_utils.decode(rles).transpose(2, 0, 1).astype(bool)
+    h, w = rles[0]["size"]
+    if any(r["size"] != [h, w] for r in rles):
+        raise ValueError(f"RLE masks of different sizes: {sorted({tuple(r['size']) for r in rles})}")
+    out = np.empty((len(rles), w, h), dtype=bool)
+    # One mask a call, into the answer's own memory: given the list, pycocotools builds an (h, w, N)
+    # uint8 stack that the bool answer then copies (5 random-weight 683x1024 masks: 3.3 ms against
+    # 2.9 this way).  Its (h, w) column-major answer, transposed, has out[i]'s layout: a plain copy.
+    for i, rle in enumerate(rles):
+        out[i] = mask_utils.decode(rle).T.view(bool)
+    return out.transpose(0, 2, 1)
 
 
 def mask_ious(a: np.ndarray, b: np.ndarray) -> np.ndarray:
