@@ -66,7 +66,6 @@ def test_mask_boxes_and_stability_and_crop_edge():
 
 @pytest.mark.parametrize("mode", ["holes", "islands"])
 def test_remove_small_regions_matches_opencv(mode):
-    pytest.importorskip("cv2", reason="opencv-python-headless is a test dependency (make setup)")
     rng = np.random.default_rng(2)
     for _ in range(20):
         mask = rng.random((40, 50)) > rng.uniform(0.3, 0.8)

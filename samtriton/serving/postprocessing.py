@@ -5,19 +5,22 @@ prompt frame (1024 for every variant), crops the padding, resizes bilinearly to 
 (`F.interpolate(..., mode="bilinear", align_corners=False)` both times) and
 thresholds at 0.  Random-weight decoders produce high-frequency masks, so any
 shortcut here (one resize instead of two, another interpolation) costs whole
-percent of IoU; this module reproduces the two steps with torch's sampling
-rule in numpy.  The crop is folded into the first step by computing only the
-rows and columns that survive it.
+percent of IoU; this module runs the same two steps in OpenCV's `resize`
+(INTER_LINEAR), whose sampling rule is torch's: half-pixel centres, the
+source coordinate clamped at the edges, two taps an axis, no antialiasing.
+The values agree with torch's to float32 rounding (tests/test_processing.py).
 
-The first step upsamples by a whole power of two (256 -> 1024, the same
-for every variant), where torch's source coordinate is exact and the two
-taps repeat every `factor` outputs: each axis is `factor` strided
-multiply-adds over shifted slices, two products an output instead of a dense
-matrix's 256-long dot product, no gathers, no BLAS threads to share with the
-decoder's process (one 683x1024 mask: 0.9 ms against 3.8 ms for the matrix
-products on one core of the machine in perf/README.md).  The second step maps to an
-arbitrary, possibly large, output and runs as two-tap gathers, skipped when the
-size does not change.
+OpenCV is what makes a cache hit cheap: one 683x1024 mask takes 0.8 ms in it
+against 5.4-8.9 ms for numpy's strided multiply-adds, which this module used
+before, on one core of the Intel Xeon in perf/README.md.  It runs on one
+thread: the postprocess shares the cores with the encoder's and decoder's
+processes.
+
+The first step upsamples by a whole power of two (256 -> 1024), where
+torch's float32 source coordinates are exact and so equal OpenCV's double
+ones; any other ratio is refused rather than approximated.  The crop is
+folded into it: only the low-res rows and columns the kept outputs read are
+upsampled, with the same exact factor, which leaves those outputs unchanged.
 
 `masks_from_logits` works with the two image axes swapped: its (N, H, W)
 answer is then a view whose memory is column-major per mask, the layout COCO
@@ -26,8 +29,8 @@ RLE encodes from, so `encode_rle` reads it without a copy.
 
 from __future__ import annotations
 
+import functools
 import json
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -37,95 +40,28 @@ from samtriton.serving.prompts import Geometry
 from samtriton.spec import PROMPT_SIZE
 
 MASK_THRESHOLD = 0.0
-# Masks resized per chunk, to bound the float32 temporaries to a few hundred MB.
-_CHUNK_ELEMENTS = 48 * 1024 * 1024
 
 
-@dataclass(frozen=True)
-class Taps:
-    """Two-tap linear interpolation along one axis: out[i] = w0[i]*x[i0[i]] + w1[i]*x[i1[i]]."""
+@functools.cache
+def _opencv():
+    import cv2
 
-    i0: np.ndarray
-    i1: np.ndarray
-    w0: np.ndarray
-    w1: np.ndarray
+    cv2.setNumThreads(1)
+    return cv2
 
 
-def bilinear_taps(in_size: int, out_size: int, keep: int | None = None) -> Taps:
-    """torch's bilinear rule (align_corners=False, no antialias) for one axis.
-
-    `keep` computes only the first `keep` outputs (the crop after upsampling).
-    The arithmetic is float32, as torch's CPU kernel does it for float input.
-    """
-    keep = out_size if keep is None else keep
-    scale = np.float32(in_size) / np.float32(out_size)
-    dst = np.arange(keep, dtype=np.float32)
-    src = scale * (dst + np.float32(0.5)) - np.float32(0.5)
-    src = np.maximum(src, np.float32(0.0))
-    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
-    i1 = np.minimum(i0 + 1, in_size - 1)
-    w1 = (src - i0.astype(np.float32)).astype(np.float32)
-    w0 = (np.float32(1.0) - w1).astype(np.float32)
-    return Taps(i0, i1, w0, w1)
-
-
-def _along(x: np.ndarray, axis: int, start: int, stop: int) -> np.ndarray:
-    index = [slice(None)] * x.ndim
-    index[axis] = slice(start, stop)
-    return x[tuple(index)]
-
-
-def _periodic_factor(in_size: int, out_size: int) -> int:
-    """The upsampling factor, a power of two: there torch's taps repeat exactly."""
+def _frame_factor(in_size: int, out_size: int) -> int:
+    """The upsampling factor to the prompt frame: a whole power of two, where torch's source coordinates are exact."""
     factor, rest = divmod(out_size, in_size)
-    # Block 1 (the taps read there) must be clear of both edges: 3 inputs at least.
-    if rest or factor < 2 or factor & (factor - 1) or in_size < 3:
+    if rest or factor < 2 or factor & (factor - 1):
         raise ValueError(f"upsampling {in_size} -> {out_size}: only whole power-of-two factors are supported")
     return factor
 
 
-def _upsample_axis(x: np.ndarray, axis: int, factor: int, keep: int) -> np.ndarray:
-    """x upsampled `factor` (a power of two) times along `axis` by torch's rule, the first `keep` outputs.
-
-    Output j*factor + r mixes inputs j-1 and j, or j and j+1, with weights that depend on r only;
-    they are read from `bilinear_taps` at block 1, clear of the edges.  The input is padded with
-    its edge values, which is torch's clamping at the right edge; at the left edge torch clamps the
-    source coordinate itself, so those outputs are the first input exactly.
-    """
-    n = x.shape[axis]
-    blocks = -(-keep // factor)
-    taps = bilinear_taps(n, n * factor, keep=2 * factor)
-    padded = np.concatenate([_along(x, axis, 0, 1), x, _along(x, axis, n - 1, n)], axis=axis)
-    shape = list(x.shape)
-    shape[axis:axis + 1] = [blocks, factor]
-    out = np.empty(shape, dtype=np.float32)
-    phase = [slice(None)] * out.ndim
-    for r in range(factor):
-        k = factor + r
-        first = int(taps.i0[k])  # block 1 reads input 0 (taps j-1, j) or 1 (taps j, j+1): padded j+0 or j+1
-        phase[axis + 1] = r
-        o = out[tuple(phase)]
-        np.multiply(_along(padded, axis, first, first + blocks), taps.w0[k], out=o)
-        o += _along(padded, axis, first + 1, first + 1 + blocks) * taps.w1[k]
-        if first == 0:
-            _along(o, axis, 0, 1)[...] = _along(x, axis, 0, 1)
-    shape = list(x.shape)
-    shape[axis] = blocks * factor
-    return _along(out.reshape(shape), axis, 0, keep)
-
-
-def _to_frame(low_res: np.ndarray, frame_size: int, keep_rows: int, keep_cols: int) -> np.ndarray:
-    """(n, h, w) logits -> (n, keep_rows, keep_cols): the top-left of their upsampling to the frame."""
-    _, h, w = low_res.shape
-    # Rows first, while the rows are still 256 wide.
-    rows = _upsample_axis(low_res, 1, _periodic_factor(h, frame_size), keep_rows)
-    return _upsample_axis(rows, 2, _periodic_factor(w, frame_size), keep_cols)
-
-
-def _resize(x: np.ndarray, rows: Taps, cols: Taps) -> np.ndarray:
-    """(N, H, W) -> (N, len(rows), len(cols)); width pass first, as torch's kernel nests it."""
-    x = x[:, :, cols.i0] * cols.w0 + x[:, :, cols.i1] * cols.w1
-    return x[:, rows.i0, :] * rows.w0[:, None] + x[:, rows.i1, :] * rows.w1[:, None]
+def _read_by_first(keep: int, factor: int, size: int) -> int:
+    """How many leading inputs the first `keep` outputs of a `factor`-times upsampling read: output
+    k reads inputs floor((k + 0.5) / factor - 0.5) and the one after it."""
+    return min(size, -(-keep // factor) + 1)
 
 
 def candidates(low_res: np.ndarray, iou: np.ndarray, multimask: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -145,34 +81,36 @@ def candidates(low_res: np.ndarray, iou: np.ndarray, multimask: bool) -> tuple[n
 
 def upscaled_logits(low_res: np.ndarray, geometry: Geometry, frame_size: int = PROMPT_SIZE,
                     transposed: bool = False):
-    """(N, 256, 256) float32 logits -> yields (start, (n, H, W) float32 logits at the original size), a few masks
-    at a time so the temporaries stay bounded.  `transposed`: (n, W, H) instead, computed as such."""
+    """(N, h, w) float32 logits -> yields (i, (1, H, W) float32 logits of mask i at the original size), one
+    mask at a time so the temporaries stay one mask's.  `transposed`: (1, W, H) instead, computed as such."""
+    cv2 = _opencv()
     g = geometry
     low_res = low_res.astype(np.float32, copy=False)
     in_rows, in_cols, out_rows, out_cols = g.input_h, g.input_w, g.original_h, g.original_w
-    if transposed:  # a small copy (256 x 256 a mask): the passes read it row by row
+    if transposed:  # a small copy (256 x 256 a mask)
         low_res = np.ascontiguousarray(low_res.transpose(0, 2, 1))
         in_rows, in_cols, out_rows, out_cols = in_cols, in_rows, out_cols, out_rows
+    _, h, w = low_res.shape
+    row_factor, col_factor = _frame_factor(h, frame_size), _frame_factor(w, frame_size)
+    # Step 1 reads only the low-res rows and columns the crop keeps: upsampling those by the
+    # same exact factor gives the kept outputs unchanged.
+    rows, cols = _read_by_first(in_rows, row_factor, h), _read_by_first(in_cols, col_factor, w)
+    frame = (cols * col_factor, rows * row_factor)  # OpenCV's sizes are (width, height)
     same_size = (in_rows, in_cols) == (out_rows, out_cols)
-    if not same_size:
-        down_rows, down_cols = bilinear_taps(in_rows, out_rows), bilinear_taps(in_cols, out_cols)
-
-    per_mask = max(in_rows * in_cols, out_rows * out_cols)
-    chunk = max(1, _CHUNK_ELEMENTS // per_mask)
-    for start in range(0, low_res.shape[0], chunk):
+    for i in range(low_res.shape[0]):
         # Step 1: low-res -> the padded prompt frame, cropped to the resized image.
-        part = _to_frame(low_res[start : start + chunk], frame_size, in_rows, in_cols)
+        part = cv2.resize(low_res[i, :rows, :cols], frame, interpolation=cv2.INTER_LINEAR)[:in_rows, :in_cols]
         if not same_size:  # step 2: resized image -> original size
-            part = _resize(part, down_rows, down_cols)
-        yield start, part
+            part = cv2.resize(part, (out_cols, out_rows), interpolation=cv2.INTER_LINEAR)
+        yield i, part[np.newaxis]
 
 
 def masks_from_logits(low_res: np.ndarray, geometry: Geometry, frame_size: int = PROMPT_SIZE) -> np.ndarray:
     """(N, 256, 256) float32 logits -> (N, H, W) bool masks at the original size, stored column-major
     per mask (a transposed view: what `encode_rle` reads without a copy)."""
     out = np.empty((low_res.shape[0], geometry.original_w, geometry.original_h), dtype=bool)
-    for start, part in upscaled_logits(low_res, geometry, frame_size, transposed=True):
-        np.greater(part, MASK_THRESHOLD, out=out[start : start + part.shape[0]])
+    for i, part in upscaled_logits(low_res, geometry, frame_size, transposed=True):
+        np.greater(part, MASK_THRESHOLD, out=out[i : i + 1])
     return out.transpose(0, 2, 1)
 
 
