@@ -41,11 +41,12 @@ _NAMES = spec.default_names(get_variant(DEFAULT_MODEL).slug)
 STEPS = (_NAMES.preprocess, _NAMES.image_embedding, _NAMES.image_encoder, _NAMES.mask_decoder, _NAMES.postprocess)
 
 
-def snapshot(url: str) -> dict[str, dict[str, int]]:
+def snapshot(url: str, models=(spec.ENSEMBLE, *STEPS)) -> dict[str, dict[str, int]]:
+    """Each model's cumulative Triton statistics: successes, their total, queue and compute time."""
     client = grpcclient.InferenceServerClient(url)
     try:
         out = {}
-        for model in (spec.ENSEMBLE, *STEPS):
+        for model in models:
             s = client.get_inference_statistics(model).model_stats[0].inference_stats
             out[model] = {
                 "count": s.success.count, "total_ns": s.success.ns, "queue_ns": s.queue.ns,
