@@ -144,8 +144,7 @@ def main() -> None:
 
     models = args.model or repository_parameters(repo, spec.POSTPROCESS)["samtriton_models"].split(",")
     desc = machine()
-    bf16 = cpu_runtime.native_bf16_flags()
-    print(f"machine: {desc}; native bf16: {', '.join(bf16) if bf16 else 'none'}; medians of {args.runs}")
+    print(f"machine: {desc}; medians of {args.runs}")
     rows = []
     for name in models:
         print(f"{name}:")

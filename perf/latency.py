@@ -52,7 +52,12 @@ def delta(after: dict, before: dict) -> dict:
 def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, no GPU"
+    from samtriton.serving.cpu_runtime import native_bf16_flags
+
+    # bf16 figures depend on what runs it: AMX tiles or avx512_bf16's vector dot products.
+    bf16 = native_bf16_flags()
+    return (f"{cpu}, {os.cpu_count()} cores, native bf16: {'+'.join(bf16) if bf16 else 'none'}, "
+            f"{platform.system()} {platform.release()}, no GPU")
 
 
 def median_ms(fn, runs: int) -> float:

@@ -4,12 +4,18 @@
 
 Same model files, runtimes and thread settings (the repository's), new images
 every request (and the server runs without its embedding cache), so both sides
-run the encoder every time:
-- latency at concurrency 1: median over --requests requests;
-- throughput at saturation: --concurrency requests in flight (SamClient.segment_many
-  served; a thread pool of the same size in-process), requests per second.
---rounds rounds of in-process then served, each round's ratios printed, then
-the medians; writes perf/results/serving_overhead.csv.
+run the encoder every time.  The two sides are measured in pairs, so that a
+shared host's drifting speed (seen here: 1.7 to 3.0 in-process requests/s
+within one run) falls on both alike:
+- latency at concurrency 1: each of --requests requests a round runs in-process
+  and served back to back, on the same image and boxes, in alternating order;
+  the ratio is the median of the pairs' ratios;
+- throughput at saturation: a burst of 2 x --concurrency requests in flight
+  (SamClient.segment_many served; a thread pool of the same size in-process),
+  in-process and served back to back on the same burst, the order alternating
+  between rounds; the ratio is the median of the rounds' ratios.
+Each round's ratios are printed, then the medians; writes
+perf/results/serving_overhead[_<slug>].csv.
 """
 
 from __future__ import annotations
@@ -51,32 +57,32 @@ def workload(n: int, seed: int, boxes_per_request: int):
     return work
 
 
-def latency_ms(fn, work) -> float:
-    times = []
-    for image, boxes in work:
-        started = time.perf_counter()
-        fn(image, boxes)
-        times.append((time.perf_counter() - started) * 1000)
-    return statistics.median(times)
-
-
-def in_process_round(pipe, args, seed: int) -> tuple[float, float]:
-    """(latency ms at concurrency 1, requests/s at --concurrency) in-process."""
-    latency = latency_ms(pipe.segment, workload(args.requests, seed, args.boxes))
-    burst = workload(args.concurrency * 2, seed + 100, args.boxes)
+def timed_ms(fn, *args) -> float:
     started = time.perf_counter()
-    with ThreadPoolExecutor(args.concurrency) as pool:
-        list(pool.map(lambda item: pipe.segment(*item), burst))
-    return latency, len(burst) / (time.perf_counter() - started)
+    fn(*args)
+    return (time.perf_counter() - started) * 1000
 
 
-def served_round(url: str, args, seed: int) -> tuple[float, float]:
-    with SamClient(url, model=args.model) as client:
-        latency = latency_ms(client.segment, workload(args.requests, seed, args.boxes))
-        burst = workload(args.concurrency * 2, seed + 100, args.boxes)
-        started = time.perf_counter()
-        client.segment_many(burst, concurrency=args.concurrency)
-        return latency, len(burst) / (time.perf_counter() - started)
+def paired_round(pipe, client: SamClient, args, seed: int, served_first: bool):
+    """[(served ms, in-process ms)] a request at concurrency 1, and (served, in-process)
+    requests/s for one burst at --concurrency, each pair run back to back on the same work."""
+    latencies = []
+    for i, (image, boxes) in enumerate(workload(args.requests, seed, args.boxes)):
+        first_served = served_first != bool(i % 2)
+        sides = [("served", client.segment), ("in-process", pipe.segment)]
+        t = dict((name, timed_ms(fn, image, boxes)) for name, fn in (sides if first_served else sides[::-1]))
+        latencies.append((t["served"], t["in-process"]))
+
+    burst = workload(args.concurrency * 2, seed + 100, args.boxes)
+
+    def in_process():
+        with ThreadPoolExecutor(args.concurrency) as pool:
+            list(pool.map(lambda item: pipe.segment(*item), burst))
+
+    sides = [("served", lambda: client.segment_many(burst, concurrency=args.concurrency)),
+             ("in-process", in_process)]
+    rates = dict((name, len(burst) * 1000 / timed_ms(fn)) for name, fn in (sides if served_first else sides[::-1]))
+    return latencies, (rates["served"], rates["in-process"])
 
 
 def main(argv=None) -> int:
@@ -86,8 +92,8 @@ def main(argv=None) -> int:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--boxes", type=int, default=5)
     parser.add_argument("--model", help="variant (default: the repository's default, `sam`)")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="rounds of in-process then served; the ratios are per round, then their median")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="rounds of paired requests and bursts, in alternating order; the ratios are medians")
     args = parser.parse_args(argv)
     # The served postprocess runs with these heap settings: so does its in-process twin, so
     # that the ratio is what serving adds, not what glibc's defaults cost.
@@ -96,46 +102,47 @@ def main(argv=None) -> int:
     names = repository_names(repo, args.model)
     threads = int(repository_parameters(repo, names.image_encoder).get("intra_op_threads", "0"))
     pipe = InProcessPipeline(repo, intra_op_threads=threads, model=args.model)
-    in_process_round(pipe, argparse.Namespace(**{**vars(args), "requests": 1}), 90)  # warm-up
 
     http, grpc, metrics = server.free_ports(3)
     proc = server.start(server.ServerOptions(repo, http, grpc, metrics, cache_bytes=0, embedding_cache_mb=0),
                         stdout=open(os.devnull, "wb"), stderr=open(os.devnull, "wb"))
-    rounds = []
+    latencies, rates = [], []
     try:
         server.wait_ready(proc, http)
-        url = f"127.0.0.1:{grpc}"
-        # Warm-up, a burst included: OpenVINO prepares its kernels for each new
-        # input shape (batch sizes, prompt counts) on first sight.
-        served_round(url, argparse.Namespace(**{**vars(args), "requests": 1}), 290)
-        for r in range(args.rounds):
-            # New images everywhere (seeds of their own): every request runs the encoder.
-            inproc = in_process_round(pipe, args, 1000 * r + 100)
-            served = served_round(url, args, 1000 * r + 500)
-            rounds.append((served, inproc))
-            print(f"  round {r + 1}: latency served {served[0]:.0f} / in-process {inproc[0]:.0f} ms = "
-                  f"{served[0] / inproc[0]:.2f}x; throughput served {served[1]:.2f} / in-process "
-                  f"{inproc[1]:.2f} req/s = {served[1] / inproc[1]:.2f}x", flush=True)
+        with SamClient(f"127.0.0.1:{grpc}", model=args.model) as client:
+            # Warm-up, bursts included: OpenVINO prepares its kernels for each new
+            # input shape (batch sizes, prompt counts) on first sight.
+            paired_round(pipe, client, argparse.Namespace(**{**vars(args), "requests": 2}), 90, True)
+            for r in range(args.rounds):
+                # New images everywhere (seeds of their own): every request runs the encoder.
+                pairs, rate = paired_round(pipe, client, args, 1000 * r + 100, served_first=bool(r % 2))
+                latencies += pairs
+                rates.append(rate)
+                print(f"  round {r + 1} ({'served' if r % 2 else 'in-process'} first): latency "
+                      f"{statistics.median(s for s, _ in pairs):.0f} / {statistics.median(i for _, i in pairs):.0f} ms, "
+                      f"pairs {min(s / i for s, i in pairs):.2f}-{max(s / i for s, i in pairs):.2f}x; throughput "
+                      f"served {rate[0]:.2f} / in-process {rate[1]:.2f} req/s = {rate[0] / rate[1]:.2f}x", flush=True)
     finally:
         server.stop(proc)
 
-    latency_ratio = statistics.median(s[0] / i[0] for s, i in rounds)
-    throughput_ratio = statistics.median(s[1] / i[1] for s, i in rounds)
-    served_latency = statistics.median(s[0] for s, _ in rounds)
-    inproc_latency = statistics.median(i[0] for _, i in rounds)
-    served_throughput = statistics.median(s[1] for s, _ in rounds)
-    inproc_throughput = statistics.median(i[1] for _, i in rounds)
+    latency_ratio = statistics.median(s / i for s, i in latencies)
+    throughput_ratio = statistics.median(s / i for s, i in rates)
+    served_latency = statistics.median(s for s, _ in latencies)
+    inproc_latency = statistics.median(i for _, i in latencies)
+    served_throughput = statistics.median(s for s, _ in rates)
+    inproc_throughput = statistics.median(i for _, i in rates)
     desc = machine()
     enc = repository_parameters(repo, pipe.names.image_encoder)
     dec = repository_parameters(repo, pipe.names.mask_decoder)
     print(f"machine: {desc}\n{pipe.names.image_encoder.rsplit('_image_encoder', 1)[0]}, 1024x683 JPEG, "
           f"{args.boxes} boxes/request, new image per request, encoder {enc.get('runtime', 'onnxruntime')} "
           f"{enc.get('precision', 'fp32')}, decoder {dec.get('runtime', 'onnxruntime')} {dec.get('precision', 'fp32')}, "
-          f"threads={threads or 'all cores'}; medians of {args.rounds} rounds")
-    print(f"  latency at concurrency 1: served {served_latency:.0f} ms, in-process {inproc_latency:.0f} ms, "
-          f"ratio {latency_ratio:.2f}x (target <= 1.05)")
+          f"threads={threads or 'all cores'}; {args.rounds} rounds")
+    print(f"  latency at concurrency 1: served {served_latency:.0f} ms, in-process {inproc_latency:.0f} ms (medians); "
+          f"ratio {latency_ratio:.2f}x, the median of {len(latencies)} pairs (target <= 1.05)")
     print(f"  throughput at concurrency {args.concurrency}: served {served_throughput:.2f}/s, in-process "
-          f"{inproc_throughput:.2f}/s, ratio {throughput_ratio:.2f}x (target >= 0.95)")
+          f"{inproc_throughput:.2f}/s (medians); ratio {throughput_ratio:.2f}x, the median of {len(rates)} rounds "
+          f"(target >= 0.95)")
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = "serving_overhead.csv" if args.model is None else f"serving_overhead_{get_variant(args.model).slug}.csv"
     with open(RESULTS / name, "w", newline="") as f:
