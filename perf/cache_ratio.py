@@ -137,7 +137,8 @@ def main() -> int:
     ensemble_ms = per_request_ms(client.model_name, "total_ns")
     steps_ms = sum(q + c for _, q, c in breakdown)
     print(f"    ensemble total (server side)   {ensemble_ms:6.2f} ms (steps' queue + compute {steps_ms:.2f} ms, "
-          f"the ensemble's own scheduling and the hand-offs {ensemble_ms - steps_ms:.2f} ms)")
+          f"the rest {ensemble_ms - steps_ms:.2f} ms: the ensemble's scheduling and hand-offs and "
+          f"image_embedding's cache lookup)")
     # Means on both sides: Triton's statistics are sums.  Both clients send the same request.
     print(f"    tritonclient round trip beyond the ensemble (wire, gRPC, client) "
           f"{statistics.mean(cached) - ensemble_ms:.2f} ms (mean latency {statistics.mean(cached):.2f} ms)")
