@@ -211,7 +211,8 @@ def test_the_parity_check_catches_a_graph_that_froze_its_batch_size(tmp_path):
 
 def test_lean_attention_changes_neither_values_nor_graph(tmp_path):
     """The build's in-place relative positions (SAM ViT): bit-identical embeddings in PyTorch,
-    the same exported operators, the same ONNX Runtime answer, and upstream's function back after."""
+    the same exported operators, the same ONNX Runtime answer, and upstream's function back after.
+    The token grid (8 x 8) fits in one block of query rows, so no layer is split here."""
     import collections
 
     import onnx
@@ -249,6 +250,45 @@ def test_lean_attention_changes_neither_values_nor_graph(tmp_path):
     assert graphs["lean"] == graphs["plain"] and graphs["plain"]["Einsum"] == 4
     np.testing.assert_array_equal(answers["lean"], answers["plain"])
     np.testing.assert_allclose(answers["lean"], plain, atol=1e-4)
+
+
+def test_lean_attention_attends_global_layers_by_query_rows(tmp_path):
+    """Global attention a few query rows at a time (ViT-B's build peak): upstream's values in
+    PyTorch and from the exported graph, for blocks of uneven size and a batch of 2; the
+    windowed layers keep upstream's forward, and every layer has it back afterwards."""
+    import collections
+
+    import onnx
+    import onnxruntime as ort
+    from segment_anything.modeling import image_encoder as upstream
+
+    from samtriton.build.export_wrappers import lean_attention
+    from samtriton.build.onnx_export import _export
+
+    torch.manual_seed(0)
+    # A 12 x 12 token grid: the global layer attends rows 0-4, 5-9 and 10-11; the windowed
+    # layer's 4 x 4 windows fit in one block.
+    encoder = upstream.ImageEncoderViT(img_size=96, patch_size=8, embed_dim=32, depth=2, num_heads=2, out_chans=16,
+                                       use_rel_pos=True, rel_pos_zero_init=False, window_size=4,
+                                       global_attn_indexes=(1,)).eval()
+    for block in encoder.blocks:  # random relative positions: zeros would hide a dropped or misaligned term
+        torch.nn.init.normal_(block.attn.rel_pos_h)
+        torch.nn.init.normal_(block.attn.rel_pos_w)
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        plain = encoder(x).numpy()
+        with lean_attention(encoder, query_rows=5):
+            lean = encoder(x).numpy()
+    assert all("forward" not in vars(block.attn) for block in encoder.blocks)
+    np.testing.assert_allclose(lean, plain, rtol=0, atol=1e-5)
+
+    path = tmp_path / "lean.onnx"
+    with torch.no_grad(), lean_attention(encoder, query_rows=5):
+        _export(encoder, (x[:1],), path, ["x"], ["y"], {"x": {0: "n"}, "y": {0: "n"}})
+    ops = collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+    assert ops["Softmax"] == 1 + 3  # the windowed layer's, and one per block of the global layer's
+    answer = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    np.testing.assert_allclose(answer, plain, rtol=0, atol=1e-4)
 
 
 def test_build_bounds_malloc_arenas_on_glibc():

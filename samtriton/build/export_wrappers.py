@@ -74,17 +74,67 @@ def _add_rel_pos_in_place(upstream, attn, q, rel_pos_h, rel_pos_w, q_size, k_siz
     return grid.view(batch, q_h * q_w, k_h * k_w)
 
 
+# Query rows of SAM ViT's token grid that a global attention layer attends at once.  At
+# 1024 x 1024 the grid is 64 x 64: ViT-B's 12 whole maps of 4096 x 4096 are 805 MB in float32
+# (ONNX Runtime keeps two alive at its peak), 16 rows' are 201 MB.
+GLOBAL_ATTENTION_QUERY_ROWS = 16
+
+
+def _attention_by_query_rows(upstream, rows: int, self, x):
+    """SAM ViT's `Attention.forward` on `rows` grid rows of queries at a time: softmax
+    normalises each query's row of the map on its own, so a block of queries needs only its
+    own rows of the map (and of the relative positions along the height); the keys and values
+    are the whole grid's.  The same operations in the same order per query as upstream, in
+    smaller matrix products."""
+    _, height, width, dim = x.shape
+    if height <= rows:
+        return type(self).forward(self, x)
+    heads, head_dim = self.num_heads, dim // self.num_heads
+    # q, k, v: [B * heads, H * W, head_dim], upstream's layout.
+    q, k, v = (self.qkv(x).reshape(-1, height * width, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+               .reshape(3, -1, height * width, head_dim).unbind(0))
+    keys = k.transpose(-2, -1)
+    if self.use_rel_pos:
+        rel_h = upstream.get_rel_pos(height, height, self.rel_pos_h)  # [query row, key row, head_dim]
+        rel_w = upstream.get_rel_pos(width, width, self.rel_pos_w)
+    blocks = []
+    for top in range(0, height, rows):
+        count = min(rows, height - top)
+        q_block = q[:, top * width:(top + count) * width]
+        attn = (q_block * self.scale) @ keys
+        if self.use_rel_pos:
+            grid_q = q_block.reshape(-1, count, width, head_dim)
+            along_h = torch.einsum("bhwc,hkc->bhwk", grid_q, rel_h[top:top + count])
+            along_w = torch.einsum("bhwc,wkc->bhwk", grid_q, rel_w)
+            grid = attn.view(-1, count, width, height, width)
+            # Returned from the view itself, as in _add_rel_pos_in_place.
+            grid = grid.add_(along_h[:, :, :, :, None]).add_(along_w[:, :, :, None, :])
+            attn = grid.view(-1, count * width, height * width)
+        blocks.append(attn.softmax(dim=-1) @ v)
+    out = torch.cat(blocks, dim=1).view(-1, heads, height, width, head_dim)
+    return self.proj(out.permute(0, 2, 3, 1, 4).reshape(-1, height, width, dim))
+
+
 @contextlib.contextmanager
-def lean_attention(module: nn.Module):
-    """Temporarily add SAM ViT's relative positions in place: a global attention layer of
-    ViT-B holds 12 maps of 4096 x 4096 (805 MB), and upstream's out-of-place sum keeps a
-    third one alive at its peak; the build's export and parity run peak there."""
-    upstreams = {}
+def lean_attention(module: nn.Module, query_rows: int = GLOBAL_ATTENTION_QUERY_ROWS):
+    """Temporarily run SAM ViT's attention in less memory, for the same values:
+    - the relative positions are added into the map in place (upstream's out-of-place sum
+      keeps a third map alive at its peak);
+    - a layer whose grid has more than `query_rows` rows (the global ones) attends that many
+      rows of queries at a time (GLOBAL_ATTENTION_QUERY_ROWS).
+    Under it the export traces the blocks into the graph: ONNX Runtime and OpenVINO then hold
+    one block's maps at a time too (the parity check, the accuracy gate, the served encoder).
+    ViT-B's build peaked in its global attention (perf/README.md, build peak memory)."""
+    upstreams, chunked = {}, []
     for sub in module.modules():
+        owner = sys.modules[type(sub).__module__]
+        if not (hasattr(owner, "add_decomposed_rel_pos") and hasattr(owner, "get_rel_pos")):
+            continue
         if getattr(sub, "use_rel_pos", False):
-            owner = sys.modules[type(sub).__module__]
-            if hasattr(owner, "add_decomposed_rel_pos") and hasattr(owner, "get_rel_pos"):
-                upstreams[owner.__name__] = (owner, owner.add_decomposed_rel_pos)
+            upstreams[owner.__name__] = (owner, owner.add_decomposed_rel_pos)
+        if type(sub).__name__ == "Attention" and hasattr(sub, "qkv") and hasattr(sub, "proj"):
+            sub.forward = types.MethodType(functools.partial(_attention_by_query_rows, owner, query_rows), sub)
+            chunked.append(sub)
     for owner, _ in upstreams.values():
         owner.add_decomposed_rel_pos = functools.partial(_add_rel_pos_in_place, owner)
     try:
@@ -92,6 +142,8 @@ def lean_attention(module: nn.Module):
     finally:
         for owner, original in upstreams.values():
             owner.add_decomposed_rel_pos = original
+        for sub in chunked:
+            del sub.forward  # back to the class method
 
 
 class ImageEncoderExport(nn.Module):
