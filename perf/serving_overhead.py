@@ -14,8 +14,13 @@ within one run) falls on both alike:
   (SamClient.segment_many served; a thread pool of the same size in-process),
   in-process and served back to back on the same burst, the order alternating
   between rounds; the ratio is the median of the rounds' ratios.
-Each round's ratios are printed, then the medians; writes
-perf/results/serving_overhead[_<slug>].csv.
+The served side fetches its masks as COCO RLE by default, the SDK's default
+(the postprocess encodes them, the SDK decodes them); the in-process side
+hands over its arrays.  `--mask-transport dense` fetches the masks as they
+are instead, so both sides answer the same arrays and the ratio is what
+Triton, the ensemble and the python stubs add.  Each round's ratios are
+printed, then the medians; writes
+perf/results/serving_overhead[_<slug>][_dense].csv.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from latency import RESULTS, machine  # noqa: E402
 
 from samtriton import server  # noqa: E402
 from samtriton.client import SamClient  # noqa: E402
+from samtriton.client.protocol import MASK_TRANSPORTS  # noqa: E402
 from samtriton.serving.allocator import keep_freed_heap  # noqa: E402
 from samtriton.sample_image import sample_scene  # noqa: E402
 from samtriton.serving.pipeline import InProcessPipeline, repository_names, repository_parameters  # noqa: E402
@@ -69,7 +75,8 @@ def paired_round(pipe, client: SamClient, args, seed: int, served_first: bool):
     latencies = []
     for i, (image, boxes) in enumerate(workload(args.requests, seed, args.boxes)):
         first_served = served_first != bool(i % 2)
-        sides = [("served", client.segment), ("in-process", pipe.segment)]
+        sides = [("served", lambda *a: client.segment(*a, mask_transport=args.mask_transport)),
+                 ("in-process", pipe.segment)]
         t = dict((name, timed_ms(fn, image, boxes)) for name, fn in (sides if first_served else sides[::-1]))
         latencies.append((t["served"], t["in-process"]))
 
@@ -79,7 +86,8 @@ def paired_round(pipe, client: SamClient, args, seed: int, served_first: bool):
         with ThreadPoolExecutor(args.concurrency) as pool:
             list(pool.map(lambda item: pipe.segment(*item), burst))
 
-    sides = [("served", lambda: client.segment_many(burst, concurrency=args.concurrency)),
+    sides = [("served", lambda: client.segment_many(burst, concurrency=args.concurrency,
+                                                    mask_transport=args.mask_transport)),
              ("in-process", in_process)]
     rates = dict((name, len(burst) * 1000 / timed_ms(fn)) for name, fn in (sides if served_first else sides[::-1]))
     return latencies, (rates["served"], rates["in-process"])
@@ -94,6 +102,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model", help="variant (default: the repository's default, `sam`)")
     parser.add_argument("--rounds", type=int, default=4,
                         help="rounds of paired requests and bursts, in alternating order; the ratios are medians")
+    parser.add_argument("--mask-transport", choices=MASK_TRANSPORTS, default="rle",
+                        help="how the served side fetches masks: COCO RLE (the SDK's default) or the dense arrays")
     args = parser.parse_args(argv)
     # The served postprocess runs with these heap settings: so does its in-process twin, so
     # that the ratio is what serving adds, not what glibc's defaults cost.
@@ -137,14 +147,15 @@ def main(argv=None) -> int:
     print(f"machine: {desc}\n{pipe.names.image_encoder.rsplit('_image_encoder', 1)[0]}, 1024x683 JPEG, "
           f"{args.boxes} boxes/request, new image per request, encoder {enc.get('runtime', 'onnxruntime')} "
           f"{enc.get('precision', 'fp32')}, decoder {dec.get('runtime', 'onnxruntime')} {dec.get('precision', 'fp32')}, "
-          f"threads={threads or 'all cores'}; {args.rounds} rounds")
+          f"threads={threads or 'all cores'}, served masks as {args.mask_transport}; {args.rounds} rounds")
     print(f"  latency at concurrency 1: served {served_latency:.0f} ms, in-process {inproc_latency:.0f} ms (medians); "
           f"ratio {latency_ratio:.2f}x, the median of {len(latencies)} pairs (target <= 1.05)")
     print(f"  throughput at concurrency {args.concurrency}: served {served_throughput:.2f}/s, in-process "
           f"{inproc_throughput:.2f}/s (medians); ratio {throughput_ratio:.2f}x, the median of {len(rates)} rounds "
           f"(target >= 0.95)")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = "serving_overhead.csv" if args.model is None else f"serving_overhead_{get_variant(args.model).slug}.csv"
+    name = "serving_overhead" + ("" if args.model is None else f"_{get_variant(args.model).slug}")
+    name += ("" if args.mask_transport == "rle" else f"_{args.mask_transport}") + ".csv"
     with open(RESULTS / name, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["machine", "metric", "served", "in_process", "served_over_in_process", "rounds"])
