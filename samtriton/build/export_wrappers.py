@@ -76,7 +76,7 @@ def _add_rel_pos_in_place(upstream, attn, q, rel_pos_h, rel_pos_w, q_size, k_siz
 
 # Query rows of SAM ViT's token grid that a global attention layer attends at once.  At
 # 1024 x 1024 the grid is 64 x 64: ViT-B's 12 whole maps of 4096 x 4096 are 805 MB in float32
-# (ONNX Runtime keeps two alive at its peak), 16 rows' are 201 MB.
+# (ONNX Runtime's run of the encoder peaked 2 GB above its loaded session), 16 rows' are 201 MB.
 GLOBAL_ATTENTION_QUERY_ROWS = 16
 
 
