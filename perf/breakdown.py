@@ -1,8 +1,9 @@
 """Where a request's time goes, from Triton's own statistics.
 
-    .venv/bin/python perf/breakdown.py --model-repository var/model_repository
+    .venv/bin/python perf/breakdown.py --model-repository var/model_repository [--model NAME]
 
-Sends --requests sequential `sam` requests (new image each, --boxes boxes,
+Sends --requests sequential requests to the variant's ensemble (the repository's
+default, `sam`, unless --model names one) (new image each, --boxes boxes,
 response cache off) and reads the per-model statistics Triton kept meanwhile:
 queue and compute (input + infer + output) per request for preprocess,
 image_embedding (which answers through its response sender: Triton counts its
@@ -33,15 +34,12 @@ from serving_overhead import workload  # noqa: E402
 
 from samtriton import server, spec  # noqa: E402
 from samtriton.client import SamClient  # noqa: E402
+from samtriton.serving.pipeline import repository_parameters  # noqa: E402
 from samtriton.serving.postprocessing import decode_rle, encode_rle  # noqa: E402
-from samtriton.variants import DEFAULT_MODEL, get_variant  # noqa: E402
-
-# The default variant's steps, which `sam` (what SamClient calls by default) runs.
-_NAMES = spec.default_names(get_variant(DEFAULT_MODEL).slug)
-STEPS = (_NAMES.preprocess, _NAMES.image_embedding, _NAMES.image_encoder, _NAMES.mask_decoder, _NAMES.postprocess)
+from samtriton.variants import get_variant  # noqa: E402
 
 
-def snapshot(url: str, models=(spec.ENSEMBLE, *STEPS)) -> dict[str, dict[str, int]]:
+def snapshot(url: str, models) -> dict[str, dict[str, int]]:
     """Each model's cumulative Triton statistics: successes, their total, queue and compute time."""
     client = grpcclient.InferenceServerClient(url)
     try:
@@ -71,26 +69,35 @@ def main(argv=None) -> int:
     parser.add_argument("--model-repository", default="var/model_repository")
     parser.add_argument("--requests", type=int, default=6)
     parser.add_argument("--boxes", type=int, default=5)
+    parser.add_argument("--model", help="variant (default: the repository's default, `sam`)")
     args = parser.parse_args(argv)
+    repo = Path(args.model_repository)
+    variant = get_variant(args.model or repository_parameters(repo, spec.ENSEMBLE)["samtriton_model"])
+    names = spec.model_names(variant.slug)
+    ensemble = names.ensemble if args.model else spec.ENSEMBLE
+    steps = (names.preprocess, names.image_embedding, names.image_encoder, names.mask_decoder, names.postprocess)
 
     http, grpc, metrics = server.free_ports(3)
-    proc = server.start(server.ServerOptions(Path(args.model_repository), http, grpc, metrics, cache_bytes=0,
+    proc = server.start(server.ServerOptions(repo, http, grpc, metrics, cache_bytes=0,
                                              embedding_cache_mb=0),
                         stdout=open(os.devnull, "wb"), stderr=open(os.devnull, "wb"))
     try:
         server.wait_ready(proc, http)
         url = f"127.0.0.1:{grpc}"
-        with SamClient(url) as client:
-            client.segment(*workload(1, 499, args.boxes)[0])  # warm-up
+        with SamClient(url, model=args.model) as client:
+            # Warm-up: a python step's first requests after the start pay for first-touch memory and
+            # OpenCV's first calls (the postprocess's first two: 38-103 ms against 11-14 ms after).
+            for image, boxes in workload(3, 496, args.boxes):
+                client.segment(image, boxes)
             work = workload(args.requests, 500, args.boxes)
             time.sleep(0.3)
-            before = snapshot(url)
+            before = snapshot(url, (ensemble, *steps))
             started = time.perf_counter()
             for image, boxes in work:
                 last = client.segment(image, boxes)
             client_ms = (time.perf_counter() - started) * 1000 / len(work)
             time.sleep(0.3)  # Triton records a request's statistics just after answering it
-            after = snapshot(url)
+            after = snapshot(url, (ensemble, *steps))
     finally:
         server.stop(proc)
 
@@ -101,18 +108,18 @@ def main(argv=None) -> int:
     # The COCO RLE serving adds on both sides, timed here on the last response's masks.
     rle_encode_ms = median_ms(lambda: encode_rle(last.masks))
     rle_decode_ms = median_ms(lambda: decode_rle(last.rles))
-    rows = [(m, per_request_ms(m, "queue_ns"), per_request_ms(m, "compute_ns")) for m in STEPS]
-    ensemble_ms = per_request_ms(spec.ENSEMBLE, "total_ns")
+    rows = [(m, per_request_ms(m, "queue_ns"), per_request_ms(m, "compute_ns")) for m in steps]
+    ensemble_ms = per_request_ms(ensemble, "total_ns")
     desc = machine()
-    print(f"machine: {desc}\nMobileSAM, 1024x683 JPEG, {args.boxes} boxes, {args.requests} sequential requests, "
+    print(f"machine: {desc}\n{variant.name} ({ensemble}), 1024x683 JPEG, {args.boxes} boxes, {args.requests} sequential requests, "
           "no response cache; mean per request")
-    print(f"  {'step':<28}{'queue':>10}{'compute':>12}")
+    print(f"  {'step':<34}{'queue':>10}{'compute':>12}")
     for model, queue, compute in rows:
-        print(f"  {model:<28}{queue:8.1f} ms{compute:10.1f} ms")
+        print(f"  {model:<34}{queue:8.1f} ms{compute:10.1f} ms")
     steps_ms = sum(q + c for _, q, c in rows)
-    print(f"  ensemble total (server side)  {ensemble_ms:8.1f} ms  (sum of the steps' queue + compute: "
+    print(f"  {'ensemble total (server side)':<34}{ensemble_ms:8.1f} ms  (sum of the steps' queue + compute: "
           f"{steps_ms:.1f} ms)")
-    print(f"  client latency                {client_ms:8.1f} ms  (wire + client work: {client_ms - ensemble_ms:.1f} ms)")
+    print(f"  {'client latency':<34}{client_ms:8.1f} ms  (wire + client work: {client_ms - ensemble_ms:.1f} ms)")
     print(f"  COCO RLE of the last response's {len(last.rles)} masks, in this process (median of 21): "
           f"encode {rle_encode_ms:.1f} ms (the postprocess's part), decode {rle_decode_ms:.1f} ms (the SDK's)")
     RESULTS.mkdir(parents=True, exist_ok=True)
