@@ -2,9 +2,9 @@
 
     .venv/bin/python perf/breakdown.py --model-repository var/model_repository [--model NAME]
 
-Sends --requests sequential requests to the variant's ensemble (the repository's
-default, `sam`, unless --model names one) (new image each, --boxes boxes,
-response cache off) and reads the per-model statistics Triton kept meanwhile:
+Sends --requests sequential requests, a new image each with --boxes boxes and
+the response cache off, to `sam` (the repository's default variant) or to
+--model's own ensemble, and reads the per-model statistics Triton kept meanwhile:
 queue and compute (input + infer + output) per request for preprocess,
 image_embedding (which answers through its response sender: Triton counts its
 compute as the time to hand the request to its event loop), image_encoder
@@ -34,9 +34,8 @@ from serving_overhead import workload  # noqa: E402
 
 from samtriton import server, spec  # noqa: E402
 from samtriton.client import SamClient  # noqa: E402
-from samtriton.serving.pipeline import repository_parameters  # noqa: E402
+from samtriton.serving.pipeline import repository_names  # noqa: E402
 from samtriton.serving.postprocessing import decode_rle, encode_rle  # noqa: E402
-from samtriton.variants import get_variant  # noqa: E402
 
 
 def snapshot(url: str, models) -> dict[str, dict[str, int]]:
@@ -72,8 +71,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", help="variant (default: the repository's default, `sam`)")
     args = parser.parse_args(argv)
     repo = Path(args.model_repository)
-    variant = get_variant(args.model or repository_parameters(repo, spec.ENSEMBLE)["samtriton_model"])
-    names = spec.model_names(variant.slug)
+    names = repository_names(repo, args.model)
     ensemble = names.ensemble if args.model else spec.ENSEMBLE
     steps = (names.preprocess, names.image_embedding, names.image_encoder, names.mask_decoder, names.postprocess)
 
@@ -111,7 +109,7 @@ def main(argv=None) -> int:
     rows = [(m, per_request_ms(m, "queue_ns"), per_request_ms(m, "compute_ns")) for m in steps]
     ensemble_ms = per_request_ms(ensemble, "total_ns")
     desc = machine()
-    print(f"machine: {desc}\n{variant.name} ({ensemble}), 1024x683 JPEG, {args.boxes} boxes, {args.requests} sequential requests, "
+    print(f"machine: {desc}\n{names.ensemble} (called as {ensemble}), 1024x683 JPEG, {args.boxes} boxes, {args.requests} sequential requests, "
           "no response cache; mean per request")
     print(f"  {'step':<34}{'queue':>10}{'compute':>12}")
     for model, queue, compute in rows:

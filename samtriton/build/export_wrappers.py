@@ -58,20 +58,30 @@ def batch_agnostic(module: nn.Module):
             del sub.forward  # back to the class method
 
 
+def _add_relative_terms(attn, grid_q, rel_h, rel_w, batch, q_size, k_size):
+    """Add SAM ViT's decomposed relative positions into `attn` [B, q_h * q_w, k_h * k_w] itself:
+    `grid_q` [B, q_h, q_w, C] the queries on their grid, `rel_h` [q_h, k_h, C] and `rel_w`
+    [q_w, k_w, C] their rows of `get_rel_pos`.  Upstream's two additions in its order.  The
+    sizes come in as the caller has them (a traced shape or -1 for B, ints for the grids), so
+    that the traced graph reads no shape upstream's does not."""
+    (q_h, q_w), (k_h, k_w) = q_size, k_size
+    along_h = torch.einsum("bhwc,hkc->bhwk", grid_q, rel_h)
+    along_w = torch.einsum("bhwc,wkc->bhwk", grid_q, rel_w)
+    # The sum is returned from the view itself: a tracer follows an in-place op only along
+    # the tensor it was applied to, not back into the tensor viewed.
+    grid = attn.view(batch, q_h, q_w, k_h, k_w)
+    grid = grid.add_(along_h[:, :, :, :, None]).add_(along_w[:, :, :, None, :])
+    return grid.view(batch, q_h * q_w, k_h * k_w)
+
+
 def _add_rel_pos_in_place(upstream, attn, q, rel_pos_h, rel_pos_w, q_size, k_size):
     """`upstream.add_decomposed_rel_pos`, with its two terms added into `attn` itself rather
     than into two new tensors: the same additions in the same order (the same values, the
     same Add nodes in a traced graph), one attention map fewer alive."""
     (q_h, q_w), (k_h, k_w) = q_size, k_size
     batch, _, channels = q.shape
-    grid_q = q.reshape(batch, q_h, q_w, channels)
-    along_h = torch.einsum("bhwc,hkc->bhwk", grid_q, upstream.get_rel_pos(q_h, k_h, rel_pos_h))
-    along_w = torch.einsum("bhwc,wkc->bhwk", grid_q, upstream.get_rel_pos(q_w, k_w, rel_pos_w))
-    # The sum is returned from the view itself: a tracer follows an in-place op only along
-    # the tensor it was applied to, not back into the tensor viewed.
-    grid = attn.view(batch, q_h, q_w, k_h, k_w)
-    grid = grid.add_(along_h[:, :, :, :, None]).add_(along_w[:, :, :, None, :])
-    return grid.view(batch, q_h * q_w, k_h * k_w)
+    return _add_relative_terms(attn, q.reshape(batch, q_h, q_w, channels), upstream.get_rel_pos(q_h, k_h, rel_pos_h),
+                               upstream.get_rel_pos(q_w, k_w, rel_pos_w), batch, q_size, k_size)
 
 
 # Query rows of SAM ViT's token grid that a global attention layer attends at once.  At
@@ -103,13 +113,8 @@ def _attention_by_query_rows(upstream, rows: int, self, x):
         q_block = q[:, top * width:(top + count) * width]
         attn = (q_block * self.scale) @ keys
         if self.use_rel_pos:
-            grid_q = q_block.reshape(-1, count, width, head_dim)
-            along_h = torch.einsum("bhwc,hkc->bhwk", grid_q, rel_h[top:top + count])
-            along_w = torch.einsum("bhwc,wkc->bhwk", grid_q, rel_w)
-            grid = attn.view(-1, count, width, height, width)
-            # Returned from the view itself, as in _add_rel_pos_in_place.
-            grid = grid.add_(along_h[:, :, :, :, None]).add_(along_w[:, :, :, None, :])
-            attn = grid.view(-1, count * width, height * width)
+            attn = _add_relative_terms(attn, q_block.reshape(-1, count, width, head_dim), rel_h[top:top + count],
+                                       rel_w, -1, (count, width), (height, width))
         blocks.append(attn.softmax(dim=-1) @ v)
     out = torch.cat(blocks, dim=1).view(-1, heads, height, width, head_dim)
     return self.proj(out.permute(0, 2, 3, 1, 4).reshape(-1, height, width, dim))
