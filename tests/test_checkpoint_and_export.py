@@ -291,6 +291,26 @@ def test_lean_attention_attends_global_layers_by_query_rows(tmp_path):
     np.testing.assert_allclose(answer, plain, rtol=0, atol=1e-4)
 
 
+def test_image_to_token_attention_without_head_transposes_is_upstreams():
+    """The decoder's image-to-token attention in block-diagonal form: upstream's `Attention`
+    values for prompts of different token counts, filler tokens (-inf) weighing nothing."""
+    from segment_anything.modeling.transformer import Attention
+
+    from samtriton.build.export_wrappers import _attend_image_to_tokens
+
+    torch.manual_seed(0)
+    attention = Attention(32, num_heads=4, downsample_rate=2).eval()
+    image, tokens = torch.randn(3, 50, 32), torch.randn(3, 6, 32)
+    bias = torch.zeros(3, 6)
+    bias[1, 4:] = float("-inf")  # prompt 1 has 4 tokens and 2 fillers
+    with torch.no_grad():
+        ours = _attend_image_to_tokens(attention, image, tokens, tokens * 2, bias)
+        for i, kept in enumerate((6, 4, 6)):
+            t = tokens[i : i + 1, :kept]
+            want = attention(q=image[i : i + 1], k=t, v=t * 2)
+            np.testing.assert_allclose(ours[i : i + 1].numpy(), want.numpy(), rtol=0, atol=1e-6, err_msg=f"prompt {i}")
+
+
 def test_build_bounds_malloc_arenas_on_glibc():
     """`samtriton build` caps glibc's heaps (its peak memory); mallopt says whether it took."""
     import platform
