@@ -109,13 +109,20 @@ def test_frame_upsampling_refuses_other_ratios(low, frame):
         list(upscaled_logits(logits, Geometry(frame, frame, frame, frame), frame))
 
 
-def test_masks_come_column_major_for_rle():
-    """masks_from_logits' answer is the (H, W, N) column-major layout COCO RLE reads: no copy."""
+@pytest.mark.parametrize("h,w", [(683, 1024), (517, 391)])
+def test_masks_come_column_major_for_rle_or_row_major(h, w):
+    """masks_from_logits' answer is the (H, W, N) column-major layout COCO RLE reads (no copy), or
+    C-contiguous when asked: the same masks either way."""
     low = np.random.default_rng(0).normal(size=(2, 256, 256)).astype(np.float32)
-    masks = masks_from_logits(low, Geometry(683, 1024, 683, 1024))
-    assert masks.shape == (2, 683, 1024)
+    g = Geometry(h, w, *resized_shape(h, w, 1024))
+    masks = masks_from_logits(low, g)
+    assert masks.shape == (2, h, w)
     assert np.shares_memory(np.asfortranarray(masks.transpose(1, 2, 0)), masks)
     assert np.array_equal(decode_rle(encode_rle(masks)), masks)
+    rows = masks_from_logits(low, g, column_major=False)
+    assert rows.shape == (2, h, w) and rows.flags.c_contiguous
+    assert 0.2 < rows.mean() < 0.8  # both answers have masks to compare, not blanks
+    assert np.array_equal(rows, masks)
 
 
 def test_keep_freed_heap_applies_on_glibc():

@@ -78,7 +78,8 @@ class InProcessPipeline:
     def run(self, image_bytes: bytes, prompts: PromptInputs, multimask: bool = False) -> InProcessResult:
         pre = self.preprocess(image_bytes, prompts)
         low_res, scores = self.decode(self.encode(pre), pre.prompts, multimask)
-        masks = masks_from_logits(low_res.reshape(-1, *low_res.shape[2:]), pre.geometry, self.settings.prompt_size)
+        masks = masks_from_logits(low_res.reshape(-1, *low_res.shape[2:]), pre.geometry, self.settings.prompt_size,
+                                  column_major=False)
         masks = masks.reshape(*low_res.shape[:2], *masks.shape[1:])
         if not multimask:
             masks, scores = masks[:, 0], scores[:, 0]

@@ -22,9 +22,10 @@ ones; any other ratio is refused rather than approximated.  The crop is
 folded into it: only the low-res rows and columns the kept outputs read are
 upsampled, with the same exact factor, which leaves those outputs unchanged.
 
-`masks_from_logits` works with the two image axes swapped: its (N, H, W)
-answer is then a view whose memory is column-major per mask, the layout COCO
-RLE encodes from, so `encode_rle` reads it without a copy.
+`masks_from_logits` works with the two image axes swapped by default: its
+(N, H, W) answer is then a view whose memory is column-major per mask, the
+layout COCO RLE encodes from, so `encode_rle` reads it without a copy.  Masks
+that leave as arrays are computed row-major instead.
 """
 
 from __future__ import annotations
@@ -105,13 +106,20 @@ def upscaled_logits(low_res: np.ndarray, geometry: Geometry, frame_size: int = P
         yield i, part[np.newaxis]
 
 
-def masks_from_logits(low_res: np.ndarray, geometry: Geometry, frame_size: int = PROMPT_SIZE) -> np.ndarray:
-    """(N, 256, 256) float32 logits -> (N, H, W) bool masks at the original size, stored column-major
-    per mask (a transposed view: what `encode_rle` reads without a copy)."""
-    out = np.empty((low_res.shape[0], geometry.original_w, geometry.original_h), dtype=bool)
-    for i, part in upscaled_logits(low_res, geometry, frame_size, transposed=True):
+def masks_from_logits(low_res: np.ndarray, geometry: Geometry, frame_size: int = PROMPT_SIZE,
+                      column_major: bool = True) -> np.ndarray:
+    """(N, 256, 256) float32 logits -> (N, H, W) bool masks at the original size.
+
+    `column_major`: stored column-major per mask (a transposed view: what `encode_rle` reads
+    without a copy); otherwise C-contiguous, computed as such, for answers sent or handed over as
+    arrays (five 683x1024 masks: 2.0 ms, against 3.5 ms column-major and 2.6 ms more to make
+    those contiguous, on the Intel Xeon of perf/README.md).
+    """
+    h, w = geometry.original_h, geometry.original_w
+    out = np.empty((low_res.shape[0], w, h) if column_major else (low_res.shape[0], h, w), dtype=bool)
+    for i, part in upscaled_logits(low_res, geometry, frame_size, transposed=column_major):
         np.greater(part, MASK_THRESHOLD, out=out[i : i + 1])
-    return out.transpose(0, 2, 1)
+    return out.transpose(0, 2, 1) if column_major else out
 
 
 def encode_rle(masks: np.ndarray) -> list[bytes]:
@@ -149,6 +157,18 @@ def decode_rle(encoded: list[bytes | str]) -> np.ndarray:
     for i, rle in enumerate(rles):
         out[i] = mask_utils.decode(rle).T.view(bool)
     return out.transpose(0, 2, 1)
+
+
+def warm_up(geometry: Geometry = Geometry(768, 1024, 768, 1024), masks: int = 4, rounds: int = 2) -> None:
+    """Run both mask layouts and the RLE encoding on made-up logits, so that a process pays OpenCV's
+    and pycocotools' imports and first calls, and its heap's first growth, before its first request
+    (the postprocess's first two requests after a start took 38-103 ms, against 11-14 ms after)."""
+    ramp = np.linspace(-1.0, 1.0, spec.LOW_RES_MASK_SIZE, dtype=np.float32)
+    low_res = np.broadcast_to(ramp[np.newaxis, np.newaxis, :] * ramp[np.newaxis, :, np.newaxis],
+                              (masks, spec.LOW_RES_MASK_SIZE, spec.LOW_RES_MASK_SIZE))
+    for _ in range(rounds):
+        encode_rle(masks_from_logits(low_res, geometry))
+        masks_from_logits(low_res, geometry, column_major=False)
 
 
 def mask_ious(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ import triton_python_backend_utils as pb_utils
 
 from samtriton import spec
 from samtriton.serving.allocator import keep_freed_heap
-from samtriton.serving.postprocessing import candidates, encode_rle, masks_from_logits
+from samtriton.serving.postprocessing import candidates, encode_rle, masks_from_logits, warm_up
 from samtriton.serving.prompts import Geometry
 from samtriton.serving.request_parameters import multimask_output, requested_outputs
 from samtriton.serving.triton_helpers import ErrorResponses, input_array, tensor
@@ -24,6 +24,8 @@ class TritonPythonModel:
         self.error = ErrorResponses(args)
         # Its per-request temporaries (a few MB a mask) reuse freed heap instead of fresh pages.
         keep_freed_heap()
+        # At load, not on the first clients' requests.
+        warm_up()
 
     def _one(self, request):
         wanted = requested_outputs(request.parameters())
@@ -39,8 +41,10 @@ class TritonPythonModel:
         if spec.LOW_RES_LOGITS.name in wanted:
             outputs.append(tensor(spec.LOW_RES_LOGITS.name, low_res))
         if wanted & {spec.MASKS.name, spec.MASKS_RLE.name}:
-            masks = masks_from_logits(low_res.reshape(-1, *low_res.shape[2:]), geometry)
-            if spec.MASKS_RLE.name in wanted:
+            # Column-major when RLE-encoded, row-major (the wire's layout) when only sent as is.
+            rle = spec.MASKS_RLE.name in wanted
+            masks = masks_from_logits(low_res.reshape(-1, *low_res.shape[2:]), geometry, column_major=rle)
+            if rle:
                 rles = np.array(encode_rle(masks), dtype=np.object_).reshape(prompts_shape)
                 outputs.append(tensor(spec.MASKS_RLE.name, rles))
             if spec.MASKS.name in wanted:
