@@ -129,6 +129,7 @@ def serving_options(args):
         everything_decoder_window=args.everything_decoder_window,
         embedding_cache_mb=args.embedding_cache_mb,
         encoder_response_cache=args.encoder_response_cache or None,
+        cpu_warmup=False if args.no_cpu_warmup else None,
         **step_runtimes(args),
         limits=Limits(max_image_bytes=args.max_image_bytes, max_pixels=args.max_pixels, max_boxes=args.max_boxes,
                       max_points=args.max_points),
@@ -609,6 +610,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder-response-cache", action="store_true",
                    help="also enable Triton's response cache on the image encoders (keyed by the 12 MB encoder "
                         "input; sized by `samtriton serve --cache-size-mb`)")
+    p.add_argument("--no-cpu-warmup", action="store_true",
+                   help="CPU target: no warm-up request through each encoder and decoder at load (by default "
+                        "Triton runs one, so that the runtimes' slow first call is not a client's)")
     p.add_argument("--max-image-bytes", type=int, default=defaults.limits.max_image_bytes)
     p.add_argument("--max-pixels", type=int, default=defaults.limits.max_pixels)
     p.add_argument("--max-boxes", type=int, default=defaults.limits.max_boxes,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
@@ -247,3 +248,33 @@ def test_everything_models_drive_their_own_variant():
     params = gpu[spec.EVERYTHING].parameters
     # The GPU decoder engine takes one token count: the everything model pads its prompts to it.
     assert params["pad_prompt_tokens"].string_value == str(spec.gpu_prompt_tokens(32))
+
+
+def test_cpu_steps_warm_up_at_load_with_requests_they_accept():
+    """The CPU encoder and decoder each carry one zero-filled batch-1 warm-up request (Triton
+    runs it before the model is ready), with every input of the model at a fixed shape the
+    model's own checks accept; the GPU target and `cpu_warmup=False` carry none."""
+    from samtriton.serving.decoder_batch import DecoderRequest
+
+    for v in ALL_VARIANTS:
+        names = spec.model_names(v.slug)
+        cfgs = model_configs([v], {v.name: TEMPLATE_WEIGHTS}, ServingOptions())
+        arrays = {}
+        for name in (names.image_encoder, names.mask_decoder):
+            cfg = cfgs[name]
+            [warmup] = cfg.model_warmup
+            assert (warmup.batch_size, warmup.count) == (1, 1)
+            assert set(warmup.inputs) == {t.name for t in cfg.input}
+            for t in cfg.input:
+                w = warmup.inputs[t.name]
+                assert w.zero_data and w.data_type == t.data_type and min(w.dims) > 0
+                assert len(w.dims) == len(t.dims) and all(d in (-1, f) for d, f in zip(t.dims, w.dims)), t.name
+                dtype = np.float32 if t.data_type == mc.TYPE_FP32 else np.int32
+                arrays[t.name] = np.zeros((warmup.batch_size, *w.dims), dtype)
+        assert arrays[spec.PIXEL_VALUES_NAME].shape == (1, 3, v.encoder_size, v.encoder_size)
+        DecoderRequest(*(arrays[n] for n in (spec.IMAGE_EMBEDDINGS_NAME, spec.PROMPT_COORDS_NAME,
+                                              spec.PROMPT_LABELS_NAME, spec.MODEL_MASK_INPUTS_NAME,
+                                              spec.HAS_MASK_INPUT_NAME))).check(max_prompts=1)
+    for options in (ServingOptions.for_target("gpu"), ServingOptions(cpu_warmup=False)):
+        cfgs = model_configs([VARIANT], {VARIANT.name: TEMPLATE_WEIGHTS}, options)
+        assert not any(cfg.model_warmup for cfg in cfgs.values())

@@ -54,6 +54,10 @@ def test_build_cli_batching_options_reach_the_configs(tmp_path):
     assert list(cfgs["mobilesam_image_encoder"].dynamic_batching.preferred_batch_size) == [4, 8]
     assert cfgs["mobilesam_mask_decoder"].max_batch_size == 32
     assert cfgs["mobilesam_mask_decoder"].dynamic_batching.max_queue_delay_microseconds == 500
+    assert cfgs["mobilesam_image_encoder"].model_warmup and cfgs["mobilesam_mask_decoder"].model_warmup
+    args = build_parser().parse_args(["build", "--random-weights", "--out", str(tmp_path), "--no-cpu-warmup"])
+    cfgs = model_configs([get_variant("mobilesam")], {"mobilesam": TEMPLATE_WEIGHTS}, serving_options(args))
+    assert not any(cfg.model_warmup for cfg in cfgs.values())
 
 
 def test_serve_cli_defaults_match_the_documented_ports():
