@@ -311,6 +311,27 @@ def test_image_to_token_attention_without_head_transposes_is_upstreams():
             np.testing.assert_allclose(ours[i : i + 1].numpy(), want.numpy(), rtol=0, atol=1e-6, err_msg=f"prompt {i}")
 
 
+def test_channels_last_upscaling_is_upstreams(tmp_path):
+    """The decoder's upscaling on image tokens (each transposed convolution one product,
+    LayerNorm2d on the last axis, pixels put in order once at the end) gives upstream's
+    `output_upscaling` + hypernetwork product; anything but SAM's 2x2 stride-2 layer is refused."""
+    from samtriton.build.export_wrappers import PromptMaskDecoderExport, _stride_two_deconv_as_product
+
+    torch.save(random_state_dict(VARIANT, seed=3), tmp_path / VARIANT.checkpoint_file)
+    sam = load_model(VARIANT, tmp_path / VARIANT.checkpoint_file)
+    decoder = PromptMaskDecoderExport(sam).eval()
+    torch.manual_seed(0)
+    tokens, hyper = torch.randn(2, 64 * 64, 256), torch.randn(2, 3, 32)
+    with torch.no_grad():
+        ours = decoder._masks(tokens, hyper, 64, 64)
+        upscaled = sam.mask_decoder.output_upscaling(tokens.transpose(1, 2).reshape(2, 256, 64, 64))
+        want = (hyper @ upscaled.reshape(2, 32, 256 * 256)).reshape(2, 3, 256, 256)
+    assert ours.shape == (2, 3, 256, 256)
+    np.testing.assert_allclose(ours.numpy(), want.numpy(), rtol=0, atol=1e-4 * float(want.abs().max()))
+    with pytest.raises(ValueError, match="2x2 stride-2"):
+        _stride_two_deconv_as_product(torch.nn.ConvTranspose2d(8, 4, kernel_size=3, stride=2))
+
+
 def test_build_bounds_malloc_arenas_on_glibc():
     """`samtriton build` caps glibc's heaps (its peak memory); mallopt says whether it took."""
     import platform

@@ -27,6 +27,7 @@ import types
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from samtriton import spec
 
@@ -186,14 +187,14 @@ def _attend_image_to_tokens(attention: nn.Module, image_tokens, tokens, values, 
     few tokens as keys, without splitting the image tokens into heads.
 
     The keys and values go into block-diagonal [N, heads * T, C] tensors (row (h, t): token
-    t's channels of head h, zeros elsewhere), so the logits of every head come out of one
-    [4096, C] x [C, heads * T] product and the output of one [4096, heads * T] x
+    t's channels of head h, zeros elsewhere), so every head's logits come out of one
+    [heads * T, C] x [C, 4096] product, and the output of one [4096, heads * T] x
     [heads * T, C] product, already in the recombined-heads layout.  The zeros add exact
-    zeros: the same values as upstream's transposed heads (bit for bit in ONNX Runtime
-    fp32 here).  On the CPU the head transposes of 4096 x 128 tensors and the attention
-    over a handful of keys cost more than the products: OpenVINO bf16 runs the decoder
-    1.2-1.3x faster for 5-47 boxes with this and the token layout of
-    `PromptMaskDecoderExport.forward` (perf/README.md).
+    zeros: upstream's values (bit for bit in ONNX Runtime fp32 here).  The softmax runs along
+    T with the image tokens innermost: along a last axis of T (5-7 keys) OpenVINO's softmax
+    took 2.6 ms a prompt, as long as upstream's head transposes it replaces.  With the token
+    layout and the upscaling of `PromptMaskDecoderExport`, OpenVINO bf16 decodes 1.7-2.1x
+    faster for 1-47 boxes than with upstream's layout (perf/README.md).
     """
     heads = attention.num_heads
     q = attention.q_proj(image_tokens)
@@ -204,10 +205,11 @@ def _attend_image_to_tokens(attention: nn.Module, image_tokens, tokens, values, 
     def head_blocks(x):
         return (x.reshape(n, 1, t, heads, c // heads) * eye).reshape(n, heads * t, c)
 
-    logits = (q @ head_blocks(k).transpose(1, 2)) / math.sqrt(c // heads)
-    logits = logits.reshape(n, -1, heads, t) + key_bias[:, None, None, :]
-    weights = torch.softmax(logits, dim=-1).reshape(n, -1, heads * t)
-    return attention.out_proj(weights @ head_blocks(v))
+    # [N, heads, T, 4096]: the softmax runs along T with the image tokens innermost.
+    logits = (head_blocks(k) @ q.transpose(1, 2)) / math.sqrt(c // heads)
+    logits = logits.reshape(n, heads, t, -1) + key_bias[:, None, :, None]
+    weights = torch.softmax(logits, dim=2).reshape(n, heads * t, -1)
+    return attention.out_proj(weights.transpose(1, 2) @ head_blocks(v))
 
 
 def _two_way_transformer(transformer: nn.Module, image_tokens, image_pe_tokens, point_embedding, token_bias):
@@ -231,6 +233,17 @@ def _two_way_transformer(transformer: nn.Module, image_tokens, image_pe_tokens, 
     q, k = queries + point_embedding, keys + image_pe_tokens
     queries = transformer.norm_final_attn(queries + transformer.final_attn_token_to_image(q=q, k=k, v=keys))
     return queries, keys
+
+
+def _stride_two_deconv_as_product(conv: nn.ConvTranspose2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 2x2, stride-2 transposed convolution as a channels-last product: (weight [C_in, 4 * C_out]
+    with columns in (row offset, column offset, C_out) order, and the bias of those columns).  Each input pixel
+    writes its own 2x2 block of outputs, so out[2i + a, 2j + b, o] = x[i, j] . W[:, o, a, b] + bias[o]."""
+    if (conv.kernel_size, conv.stride, conv.padding, conv.output_padding, conv.dilation, conv.groups) != (
+            (2, 2), (2, 2), (0, 0), (0, 0), (1, 1), 1):
+        raise ValueError(f"the mask decoder's upscaling is not SAM's 2x2 stride-2 transposed convolution: {conv}")
+    weight = conv.weight.detach().permute(0, 2, 3, 1).reshape(conv.in_channels, 4 * conv.out_channels)
+    return weight.clone(), conv.bias.detach().repeat(4)
 
 
 class PromptMaskDecoderExport(nn.Module):
@@ -279,6 +292,13 @@ class PromptMaskDecoderExport(nn.Module):
             [prompt_encoder.not_a_point_embed.weight]
             + [prompt_encoder.point_embeddings[i].weight for i in range(4)], dim=0).detach().clone())
         self.register_buffer("no_mask_embedding", prompt_encoder.no_mask_embed.weight.detach().reshape(1, -1, 1, 1))
+        # The upscaling in the transformer's channels-last token layout (see `_masks`).
+        first, norm, self.first_activation, second, self.second_activation = self.output_upscaling
+        for name, conv in (("first", first), ("second", second)):
+            weight, bias = _stride_two_deconv_as_product(conv)
+            self.register_buffer(f"{name}_deconv_weight", weight)
+            self.register_buffer(f"{name}_deconv_bias", bias)
+        self.upscale_norm = norm
         with torch.no_grad():
             # [1, HW, C]: the token layout the transformer adds it in, once for every prompt.
             self.register_buffer("image_pe_tokens",
@@ -309,17 +329,36 @@ class PromptMaskDecoderExport(nn.Module):
                              + self.mask_downscaling(mask_inputs.unsqueeze(1))])
         # Into the transformer's token layout before the gather: once per image (and mask
         # input), not once per prompt.
-        _, channels, height, width = sources.shape
+        height, width = sources.shape[-2:]
         src = sources.flatten(2).permute(0, 2, 1).index_select(0, prompt_source_index)
         hs, src = _two_way_transformer(self.transformer, src, self.image_pe_tokens, tokens, token_bias)
 
         mask_tokens_out = hs[:, 1:1 + spec.NUM_MASK_TOKENS, :]
         hyper = torch.stack([mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.hypernetworks)], dim=1)
         hyper = hyper.index_select(1, mask_tokens)
-        upscaled = self.output_upscaling(src.transpose(1, 2).reshape(-1, channels, height, width))
-        _, up_channels, up_h, up_w = upscaled.shape
-        masks = (hyper @ upscaled.reshape(-1, up_channels, up_h * up_w)).reshape(num_prompts, -1, up_h, up_w)
+        masks = self._masks(src, hyper, height, width)
         return masks, self.iou_prediction_head(hs[:, 0, :]).index_select(1, mask_tokens)
+
+    def _masks(self, image_tokens, hyper, height: int, width: int):
+        """Upstream's `output_upscaling` and hypernetwork product, from image tokens [N, HW, C] to
+        mask logits [N, K, 4H, 4W], without going back to channels-first.
+
+        Each 2x2 stride-2 transposed convolution is one product (`_stride_two_deconv_as_product`)
+        that leaves every pixel's 2x2 block of outputs on a pair of axes of its own, LayerNorm2d
+        normalises the last (channel) axis, and the pixels come into row-major order once, at
+        the end, on the K mask logits rather than on 256- or 64-channel tensors.  Row 4i + 2a + a2
+        and column 4j + 2b + b2 of a mask is low-res pixel (i, j), first block offset (a, b) and
+        second (a2, b2).
+        """
+        n = image_tokens.shape[0]
+        norm = self.upscale_norm
+        x = (image_tokens @ self.first_deconv_weight + self.first_deconv_bias).reshape(n, height * width * 4, -1)
+        x = self.first_activation(F.layer_norm(x, norm.weight.shape, norm.weight, norm.bias, norm.eps))
+        x = (x @ self.second_deconv_weight + self.second_deconv_bias).reshape(n, height * width * 16, -1)
+        x = self.second_activation(x)
+        logits = x @ hyper.transpose(1, 2)  # [N, pixels in (i, j, a, b, a2, b2) order, K]
+        logits = logits.reshape(n, height, width, 2, 2, 2, 2, -1).permute(0, 7, 1, 3, 5, 2, 4, 6)
+        return logits.reshape(n, -1, 4 * height, 4 * width)
 
 
 class RaggedPromptMaskDecoderExport(nn.Module):
