@@ -267,7 +267,7 @@ class PromptMaskDecoderExport(nn.Module):
     with every token of upstream's `PromptEncoder` (points, the padding point,
     box corners) and filler tokens (LABEL_ABSENT) that are never attended to.
     The dense embeddings are added to the B + M source rows before the
-    gather, so a call costs one [N, 256, 64, 64] gather, as without masks.
+    gather, so a call costs one [N, 4096, 256] gather of image tokens, as without masks.
     """
 
     def __init__(self, sam: nn.Module):

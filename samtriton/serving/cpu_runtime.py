@@ -81,7 +81,8 @@ def native_bf16_flags(cpuinfo: str | None = None) -> list[str]:
 # fastest for it (perf/cpu_runtimes.py, perf/README.md): OpenVINO for the
 # encoder (1.2x to 2.2x ONNX Runtime's speed for MobileSAM and
 # EfficientViT-SAM-L0, 0.9x for ViT-B), ONNX Runtime for the decoder
-# (OpenVINO fp32 ran it at 0.64x).  fp32 in either is the reference's masks.
+# (OpenVINO fp32 ran it at 0.64-0.85x, and at 0.77-1.14x since the channels-last decoder graph:
+# not enough to switch).  fp32 in either is the reference's masks.
 FP32_FALLBACK = {"image_encoder": StepRuntime(OPENVINO, FP32), "mask_decoder": StepRuntime(ONNXRUNTIME, FP32)}
 
 
