@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
+from tritonclient.utils import triton_to_np_dtype
 
 from samtriton import spec
 from samtriton.build.configs import ServingOptions, WeightsInfo, model_configs, to_pbtxt
@@ -269,7 +270,7 @@ def test_cpu_steps_warm_up_at_load_with_requests_they_accept():
                 w = warmup.inputs[t.name]
                 assert w.zero_data and w.data_type == t.data_type and min(w.dims) > 0
                 assert len(w.dims) == len(t.dims) and all(d in (-1, f) for d, f in zip(t.dims, w.dims)), t.name
-                dtype = np.float32 if t.data_type == mc.TYPE_FP32 else np.int32
+                dtype = triton_to_np_dtype(mc.DataType.Name(t.data_type).removeprefix("TYPE_"))
                 arrays[t.name] = np.zeros((warmup.batch_size, *w.dims), dtype)
         assert arrays[spec.PIXEL_VALUES_NAME].shape == (1, 3, v.encoder_size, v.encoder_size)
         DecoderRequest(*(arrays[n] for n in (spec.IMAGE_EMBEDDINGS_NAME, spec.PROMPT_COORDS_NAME,

@@ -89,7 +89,7 @@ class ServingOptions:
     # CPU target: Triton runs one zero-filled request through the encoder and the decoder
     # (one box) at load, before they are ready, so that OpenVINO's and ONNX Runtime's first
     # call falls on it and not on the first client (OpenVINO, L0 on 2 cores: encoder 170-180 ms
-    # against 70-90 ms after; decoder, one box, 37 ms against 20 ms).
+    # against 68-90 ms after; decoder, one box, 37 ms against 20 ms).
     cpu_warmup: bool = True
 
     def __post_init__(self):

@@ -192,8 +192,8 @@ def _attend_image_to_tokens(attention: nn.Module, image_tokens, tokens, values, 
     [heads * T, C] product, already in the recombined-heads layout.  The zeros add exact
     zeros: upstream's values (bit for bit in ONNX Runtime fp32 here).  The softmax runs along
     T with the image tokens innermost: along a last axis of T (5-7 keys) OpenVINO's softmax
-    took 2.6 ms a prompt, as long as upstream's head transposes it replaces.  With the token
-    layout and the upscaling of `PromptMaskDecoderExport`, OpenVINO bf16 decodes 1.7-2.1x
+    took 2.4-2.6 ms a prompt and layer (L0, bf16, 5 boxes).  With the token
+    layout and the upscaling of `PromptMaskDecoderExport`, OpenVINO bf16 decodes 1.65-2.12x
     faster for 1-47 boxes than with upstream's layout (perf/README.md).
     """
     heads = attention.num_heads
