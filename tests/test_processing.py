@@ -133,6 +133,24 @@ def test_keep_freed_heap_applies_on_glibc():
     assert keep_freed_heap()
 
 
+def test_rle_json_is_what_json_dumps_writes():
+    """encode_rle writes each RLE's JSON itself: json.dumps' bytes, the backslashes in COCO's
+    counts escaped (a run of 44 pixels is written as one)."""
+    import json
+
+    from pycocotools import mask as mask_utils
+
+    flat = np.ones(100, bool)
+    flat[:44] = False
+    masks = np.stack([flat.reshape(10, 10, order="F"), np.random.default_rng(2).random((10, 10)) > 0.5])
+    encoded = encode_rle(masks)
+    assert b"\\\\" in encoded[0]  # one escaped backslash, so the escaping is exercised
+    for mask, answer in zip(masks, encoded):
+        counts = mask_utils.encode(np.asfortranarray(mask).view(np.uint8))["counts"].decode("ascii")
+        assert answer == json.dumps({"size": [10, 10], "counts": counts}).encode()
+    assert np.array_equal(decode_rle(encoded), masks)
+
+
 def test_rle_round_trip_and_coco_format():
     rng = np.random.default_rng(1)
     masks = rng.random((3, 37, 53)) > 0.6

@@ -132,8 +132,16 @@ def encode_rle(masks: np.ndarray) -> list[bytes]:
     # (segment-everything encodes a hundred full-size masks at once).
     for mask in masks:
         r = mask_utils.encode(np.asfortranarray(mask).view(np.uint8))
-        out.append(json.dumps({"size": [int(s) for s in r["size"]], "counts": r["counts"].decode("ascii")}).encode())
+        out.append(_rle_json(r["size"], r["counts"]))
     return out
+
+
+def _rle_json(size, counts: bytes) -> bytes:
+    """`json.dumps({"size": size, "counts": counts.decode()}).encode()`, byte for byte, without
+    json's per-character escape scan (0.8 ms for a noisy random-weight mask's 350,000 characters):
+    COCO's compressed counts are characters 48-111 ('0'-'o'), where the backslash is the only
+    character JSON escapes."""
+    return b'{"size": [%d, %d], "counts": "%s"}' % (int(size[0]), int(size[1]), counts.replace(b"\\", b"\\\\"))
 
 
 def decode_rle(encoded: list[bytes | str]) -> np.ndarray:
