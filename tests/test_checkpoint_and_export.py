@@ -291,6 +291,33 @@ def test_lean_attention_attends_global_layers_by_query_rows(tmp_path):
     np.testing.assert_allclose(answer, plain, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("resolution", [(10, 12), (7, 7)])
+def test_tinyvit_layout_is_upstreams(resolution):
+    """MobileSAM's TinyViT blocks under `tinyvit_layout` (q, k and v as three projections,
+    4-D permutes around the local convolution) give upstream's values: on a grid of padded
+    windows and on one window; upstream's forwards come back afterwards."""
+    from mobile_sam.modeling.tiny_vit_sam import TinyViTBlock
+
+    from samtriton.build.export_wrappers import tinyvit_layout
+
+    torch.manual_seed(0)
+    block = TinyViTBlock(32, resolution, num_heads=4, window_size=7)
+    with torch.no_grad():
+        for p in block.parameters():  # the attention biases and the BatchNorm's affine too
+            p.normal_(0, 0.3)
+        block.local_conv.bn.running_mean.normal_()
+        block.local_conv.bn.running_var.uniform_(0.5, 2.0)
+    block.eval()  # rebuilds the attention's eval-mode bias table from the new biases
+    x = torch.randn(2, resolution[0] * resolution[1], 32)
+    with torch.no_grad():
+        want = block(x)
+        with tinyvit_layout(block):
+            assert "forward" in vars(block) and "forward" in vars(block.attn)
+            ours = block(x)
+    assert "forward" not in vars(block) and "forward" not in vars(block.attn)
+    np.testing.assert_allclose(ours.numpy(), want.numpy(), rtol=0, atol=1e-5)
+
+
 def test_image_to_token_attention_without_head_transposes_is_upstreams():
     """The decoder's image-to-token attention in block-diagonal form: upstream's `Attention`
     values for prompts of different token counts, filler tokens (-inf) weighing nothing."""

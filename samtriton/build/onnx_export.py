@@ -24,6 +24,7 @@ from samtriton.build.export_wrappers import (
     RaggedPromptMaskDecoderExport,
     batch_agnostic,
     lean_attention,
+    tinyvit_layout,
 )
 from samtriton.build.memory import release_memory
 from samtriton.serving import decoder_batch
@@ -94,7 +95,7 @@ def export_encoder(sam: torch.nn.Module, encoder_size: int, path: Path) -> None:
     encoder = ImageEncoderExport(sam).eval()
     example = torch.zeros(1, 3, encoder_size, encoder_size)
     pv, emb = spec.PIXEL_VALUES_NAME, spec.IMAGE_EMBEDDINGS_NAME
-    with torch.no_grad(), batch_agnostic(encoder), lean_attention(encoder):
+    with torch.no_grad(), batch_agnostic(encoder), lean_attention(encoder), tinyvit_layout(encoder):
         _export(encoder, (example,), path, [pv], [emb], {pv: {0: "images"}, emb: {0: "images"}})
 
 
