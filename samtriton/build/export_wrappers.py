@@ -93,12 +93,14 @@ def _tinyvit_attention_forward(self, x):
 
 
 @contextlib.contextmanager
-def batch_agnostic(module: nn.Module):
-    """Temporarily give modules with batch-freezing code a traceable forward."""
+def _forwards_replaced(module: nn.Module, forward_for):
+    """Temporarily give each submodule for which `forward_for(sub)` returns a function that
+    function as its forward."""
     patched = []
     for sub in module.modules():
-        if type(sub).__name__ == "PatchMerging" and hasattr(sub, "input_resolution"):
-            sub.forward = types.MethodType(_patch_merging_forward, sub)
+        forward = forward_for(sub)
+        if forward is not None:
+            sub.forward = types.MethodType(forward, sub)
             patched.append(sub)
     try:
         yield module
@@ -107,7 +109,12 @@ def batch_agnostic(module: nn.Module):
             del sub.forward  # back to the class method
 
 
-@contextlib.contextmanager
+def batch_agnostic(module: nn.Module):
+    """Temporarily give modules with batch-freezing code a traceable forward."""
+    return _forwards_replaced(module, lambda sub: _patch_merging_forward if (
+        type(sub).__name__ == "PatchMerging" and hasattr(sub, "input_resolution")) else None)
+
+
 def tinyvit_layout(module: nn.Module):
     """Temporarily give TinyViT's blocks (MobileSAM's encoder) forwards that trace into fewer
     layout changes, for the same values (ONNX Runtime fp32: bit for bit here):
@@ -118,19 +125,14 @@ def tinyvit_layout(module: nn.Module):
       transpose and a reshape (5.2 ms a block there); a reshape and a 4-D permute run as a
       fast transpose (0.8 ms).
     OpenVINO bf16 runs MobileSAM's encoder 1.12-1.14x faster for it (perf/README.md)."""
-    patched = []
-    for sub in module.modules():
+    def forward_for(sub):
         if type(sub).__name__ == "TinyViTBlock" and hasattr(sub, "local_conv"):
-            sub.forward = types.MethodType(_tinyvit_block_forward, sub)
-            patched.append(sub)
-        elif type(sub).__name__ == "Attention" and hasattr(sub, "attention_bias_idxs"):
-            sub.forward = types.MethodType(_tinyvit_attention_forward, sub)
-            patched.append(sub)
-    try:
-        yield module
-    finally:
-        for sub in patched:
-            del sub.forward  # back to the class method
+            return _tinyvit_block_forward
+        if type(sub).__name__ == "Attention" and hasattr(sub, "attention_bias_idxs"):
+            return _tinyvit_attention_forward
+        return None
+
+    return _forwards_replaced(module, forward_for)
 
 
 def _add_relative_terms(attn, grid_q, rel_h, rel_w, batch, q_size, k_size):

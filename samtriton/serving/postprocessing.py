@@ -138,7 +138,7 @@ def encode_rle(masks: np.ndarray) -> list[bytes]:
 
 def _rle_json(size, counts: bytes) -> bytes:
     """`json.dumps({"size": size, "counts": counts.decode()}).encode()`, byte for byte, without
-    json's per-character escape scan (0.8 ms for a noisy random-weight mask's 350,000 characters):
+    json's per-character escape scan (0.8 ms for a random 683x1024 mask's 350,000 characters):
     COCO's compressed counts are characters 48-111 ('0'-'o'), where the backslash is the only
     character JSON escapes."""
     return b'{"size": [%d, %d], "counts": "%s"}' % (int(size[0]), int(size[1]), counts.replace(b"\\", b"\\\\"))
