@@ -86,11 +86,12 @@ def profile_from_config(cfg, encoder_size: int) -> Profile:
 # Layer names come from the ONNX node names (the exporter names nodes after
 # module paths, e.g. "/mask_decoder/transformer/layers.0/self_attn/Softmax").
 _FP32_RULES = (
-    # LayerNorm exported as one op (TinyViT, ViT-B blocks, the decoder's norms).
+    # LayerNorm exported as one op (TinyViT, ViT-B blocks, the decoder's norms and
+    # its channels-last upscaling's).
     re.compile(r"LayerNormalization"),
-    # LayerNorm2d spelled out (ReduceMean, Sub, Pow, Sqrt, Div): SAM's neck,
-    # output upscaling and mask-input downscaling, EfficientViT-SAM's final norm.
-    re.compile(r"/(norm\d*|neck\.[13]|output_upscaling\.1|mask_downscaling\.[14])/"),
+    # LayerNorm2d spelled out (ReduceMean, Sub, Pow, Sqrt, Div): SAM's neck and
+    # mask-input downscaling, EfficientViT-SAM's final norm.
+    re.compile(r"/(norm\d*|neck\.[13]|mask_downscaling\.[14])/"),
     # Attention softmaxes: the two-way transformer's (fp16 gave wrong masks,
     # TensorRT #3999) and the encoders'; cheap to keep exact.
     re.compile(r"/Softmax(_\d+)?$"),

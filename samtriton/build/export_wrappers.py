@@ -87,7 +87,7 @@ def _tinyvit_attention_forward(self, x):
         return out.reshape(-1, tokens, heads, width).permute(0, 2, 1, 3)
 
     q, k, v = project(0, key_dim), project(key_dim, key_dim), project(2 * key_dim, value_dim)
-    biases = self.ab if hasattr(self, "ab") else self.attention_biases[:, self.attention_bias_idxs]
+    biases = self.attention_biases[:, self.attention_bias_idxs] if self.training else self.ab  # as upstream
     attn = ((q @ k.transpose(-2, -1)) * self.scale + biases).softmax(dim=-1)
     return self.proj((attn @ v).transpose(1, 2).reshape(-1, tokens, self.dh))
 
@@ -351,7 +351,6 @@ class PromptMaskDecoderExport(nn.Module):
         prompt_encoder = sam.prompt_encoder
         decoder = sam.mask_decoder
         self.transformer = decoder.transformer
-        self.output_upscaling = decoder.output_upscaling
         self.hypernetworks = decoder.output_hypernetworks_mlps
         self.iou_prediction_head = decoder.iou_prediction_head
         self.mask_downscaling = prompt_encoder.mask_downscaling
@@ -369,7 +368,7 @@ class PromptMaskDecoderExport(nn.Module):
             + [prompt_encoder.point_embeddings[i].weight for i in range(4)], dim=0).detach().clone())
         self.register_buffer("no_mask_embedding", prompt_encoder.no_mask_embed.weight.detach().reshape(1, -1, 1, 1))
         # The upscaling in the transformer's channels-last token layout (see `_masks`).
-        first, norm, self.first_activation, second, self.second_activation = self.output_upscaling
+        first, norm, self.first_activation, second, self.second_activation = decoder.output_upscaling
         for name, conv in (("first", first), ("second", second)):
             weight, bias = _stride_two_deconv_as_product(conv)
             self.register_buffer(f"{name}_deconv_weight", weight)
