@@ -16,7 +16,10 @@ a dense mask (about 1 ms for a random-weight checkpoint's noisy mask).  Both
 are printed; the target is judged on the first.  Then where a cached
 request's time goes: each step's queue and compute time and the ensemble's
 own total per request (Triton statistics over the cached phase), and what is
-left of the tritonclient round trip (the wire, gRPC, the client).
+left of the tritonclient round trip (the wire, gRPC, the client); then the
+same request's critical path from Triton's trace, over as many more
+tritonclient requests sent with the trace on (`critical_path`): what passes
+between the steps too, which the statistics leave out.
 Writes perf/results/cache[_<slug>].csv.  Exits non-zero if the encoder ran
 during the cached phase or the cache did not answer every cached request.
 """
@@ -27,6 +30,7 @@ import argparse
 import csv
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,6 +44,7 @@ from samtriton.variants import get_variant
 
 sys.path.insert(0, str(Path(__file__).parent))
 from breakdown import snapshot  # noqa: E402
+from critical_path import critical_path, traced, tracing_args  # noqa: E402
 from latency import RESULTS, delta, jpeg, machine, model_stats, serving_with_metrics  # noqa: E402
 
 
@@ -79,7 +84,9 @@ def main() -> int:
         x0, y0 = rng.uniform(0, 800), rng.uniform(0, 500)
         return [[x0, y0, x0 + rng.uniform(40, 200), y0 + rng.uniform(40, 180)]]
 
-    with serving_with_metrics(repo) as (url, metrics_url), SamClient(url, model=variant.name) as client:
+    trace_file = Path(tempfile.mkdtemp(prefix="samtriton-trace-")) / "trace.json"
+    with serving_with_metrics(repo, tracing_args(trace_file)) as (url, metrics_url), \
+            SamClient(url, model=variant.name) as client:
         for seed in (997, 998, 999):  # warm-up: first calls pay one-off costs
             client.segment(jpeg(seed), one_box())
         new_images = [jpeg(seed) for seed in range(args.new_images)]
@@ -110,6 +117,11 @@ def main() -> int:
         dec = delta(model_stats(url, names.mask_decoder), dec0)
         events = delta(cache_events(metrics_url, names.image_embedding), events0)
         steps1 = snapshot(url, (client.model_name, *steps))
+        with traced(url):
+            for _ in range(args.cached_requests):
+                raw_request()()
+    # Triton writes the trace when it stops.
+    path = critical_path(trace_file, client.model_name, last=args.cached_requests)
 
     def per_request_ms(model, key):
         count = steps1[model]["count"] - steps0[model]["count"]
@@ -137,12 +149,22 @@ def main() -> int:
     ensemble_ms = per_request_ms(client.model_name, "total_ns")
     steps_ms = sum(q + c for _, q, c in breakdown)
     print(f"    ensemble total (server side)   {ensemble_ms:6.2f} ms (steps' queue + compute {steps_ms:.2f} ms, "
-          f"the rest {ensemble_ms - steps_ms:.2f} ms: the ensemble's scheduling and hand-offs and "
-          f"image_embedding's cache lookup)")
+          f"the rest {ensemble_ms - steps_ms:.2f} ms: the ensemble's hand-offs and image_embedding's cache "
+          f"lookup and response, sent from its event loop)")
     # Means on both sides: Triton's statistics are sums.  Both clients send the same request.
     print(f"    tritonclient round trip beyond the ensemble (wire, gRPC, client) "
           f"{statistics.mean(cached) - ensemble_ms:.2f} ms (mean latency {statistics.mean(cached):.2f} ms)")
+    print(f"  the critical path of {args.cached_requests} more cached requests (Triton's trace, medians):")
+    for label, ms in path:
+        print(f"    {label:<72} {ms:7.2f} ms")
+    decoder_infer = dict(path)[f"{names.mask_decoder}: compute infer"]
+    print(f"    beyond {names.mask_decoder}'s compute infer: {dict(path)['total'] - decoder_infer:.2f} ms")
     RESULTS.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS / ("cache_path.csv" if args.model is None else f"cache_path_{variant.slug}.csv"), "w",
+              newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["machine", "model", "stretch", "median_ms"])
+        w.writerows([desc, variant.name, label, f"{ms:.2f}"] for label, ms in path)
     name = "cache.csv" if args.model is None else f"cache_{variant.slug}.csv"
     with open(RESULTS / name, "w", newline="") as f:
         w = csv.writer(f)

@@ -85,11 +85,11 @@ def model_stats(url: str, model: str) -> dict[str, float]:
 
 
 @contextmanager
-def serving_with_metrics(repo: Path):
-    """A tritonserver on `repo` on free ports for the duration; yields its gRPC
-    URL and its metrics URL."""
+def serving_with_metrics(repo: Path, extra_args: tuple[str, ...] = ()):
+    """A tritonserver on `repo` on free ports for the duration (with tritonserver's
+    `extra_args`); yields its gRPC URL and its metrics URL."""
     http, grpc, metrics = server.free_ports(3)
-    proc = server.start(server.ServerOptions(Path(repo), http, grpc, metrics),
+    proc = server.start(server.ServerOptions(Path(repo), http, grpc, metrics, extra_args=extra_args),
                         stdout=open(os.devnull, "wb"), stderr=open(os.devnull, "wb"))
     try:
         server.wait_ready(proc, http)

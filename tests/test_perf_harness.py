@@ -56,3 +56,51 @@ def test_locust_smoke_and_its_p95_gate(triton_server, tmp_path, bound_ms, expect
     rows = {r["Name"]: r for r in csv.DictReader(open(tmp_path / "locust_stats.csv"))}
     assert int(rows["Aggregated"]["Request Count"]) > 0
     assert int(rows["Aggregated"]["Failure Count"]) == 0
+
+
+def test_critical_path_from_tritons_trace(default_runtime_repository, tmp_path):
+    """perf/critical_path.py on a real server's trace: only the requests sent while
+    the trace is on, each cut into its steps' stretches, which add up to its total."""
+    import io
+
+    sys.path.insert(0, str(ROOT / "perf"))
+    from critical_path import critical_path, critical_paths, traced, tracing_args
+
+    from samtriton import server, spec
+    from samtriton.client import SamClient
+    from samtriton.sample_image import sample_scene
+
+    scene, boxes = sample_scene(400, 300, seed=31)
+    buf = io.BytesIO()
+    scene.save(buf, format="JPEG")
+    image = buf.getvalue()
+    trace_file = tmp_path / "trace.json"
+    ports = server.free_ports(3)
+    with open(tmp_path / "tritonserver.log", "wb") as log:
+        proc = server.start(server.ServerOptions(default_runtime_repository[0], *ports,
+                                                 extra_args=tracing_args(trace_file)), stdout=log, stderr=log)
+    try:
+        server.wait_ready(proc, ports[0])
+        url = f"127.0.0.1:{ports[1]}"
+        with SamClient(url) as client:
+            client.segment(image, boxes[:1])  # before the trace is on
+            with traced(url):
+                client.segment(image, boxes[:1])
+                client.segment(image, boxes[:2])
+            client.segment(image, boxes[:3])  # after it is off again
+    finally:
+        server.stop(proc)
+    names = spec.default_names("mobilesam")
+    paths = critical_paths(trace_file, spec.ENSEMBLE)
+    assert len(paths) == 2
+    steps = (names.preprocess, names.image_embedding, names.mask_decoder, names.postprocess)
+    for path in paths:
+        labels = [label for label, _ in path]
+        assert labels[0] == "before the first step" and labels[-1] == "total"
+        assert [label.split(":")[0] for label in labels[1:-1:4]] == list(steps)
+        assert f"{names.image_embedding}: until {names.mask_decoder} starts" in labels
+        assert sum(ms for _, ms in path[:-1]) == pytest.approx(path[-1][1], abs=1e-6)
+        stretch = dict(path)
+        assert all(stretch[f"{step}: compute infer"] > 0 for step in steps)
+    medians = dict(critical_path(trace_file, spec.ENSEMBLE))
+    assert min(p[-1][1] for p in paths) <= medians["total"] <= max(p[-1][1] for p in paths)
