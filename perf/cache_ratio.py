@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import shutil
 import statistics
 import sys
 import tempfile
@@ -122,6 +123,7 @@ def main() -> int:
                 raw_request()()
     # Triton writes the trace when it stops.
     path = critical_path(trace_file, client.model_name, last=args.cached_requests)
+    shutil.rmtree(trace_file.parent)
 
     def per_request_ms(model, key):
         count = steps1[model]["count"] - steps0[model]["count"]
