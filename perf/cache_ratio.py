@@ -20,7 +20,8 @@ left of the tritonclient round trip (the wire, gRPC, the client); then the
 same request's critical path from Triton's trace, over as many more
 tritonclient requests sent with the trace on (`critical_path`): what passes
 between the steps too, which the statistics leave out.
-Writes perf/results/cache[_<slug>].csv.  Exits non-zero if the encoder ran
+Writes perf/results/cache[_<slug>].csv and the critical path to
+perf/results/cache_path[_<slug>].csv.  Exits non-zero if the encoder ran
 during the cached phase or the cache did not answer every cached request.
 """
 
