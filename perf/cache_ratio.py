@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import shutil
 import statistics
 import sys
 import tempfile
@@ -86,7 +85,9 @@ def main() -> int:
         x0, y0 = rng.uniform(0, 800), rng.uniform(0, 500)
         return [[x0, y0, x0 + rng.uniform(40, 200), y0 + rng.uniform(40, 180)]]
 
-    trace_file = Path(tempfile.mkdtemp(prefix="samtriton-trace-")) / "trace.json"
+    # Removed below, or when the interpreter exits if the run fails first.
+    trace_dir = tempfile.TemporaryDirectory(prefix="samtriton-trace-")
+    trace_file = Path(trace_dir.name) / "trace.json"
     with serving_with_metrics(repo, tracing_args(trace_file)) as (url, metrics_url), \
             SamClient(url, model=variant.name) as client:
         for seed in (997, 998, 999):  # warm-up: first calls pay one-off costs
@@ -124,7 +125,7 @@ def main() -> int:
                 raw_request()()
     # Triton writes the trace when it stops.
     path = critical_path(trace_file, client.model_name, last=args.cached_requests)
-    shutil.rmtree(trace_file.parent)
+    trace_dir.cleanup()
 
     def per_request_ms(model, key):
         count = steps1[model]["count"] - steps0[model]["count"]

@@ -68,7 +68,7 @@ def critical_paths(trace_file: Path, ensemble: str) -> list[list[tuple[str, floa
                    key=lambda i: stamps[i]["REQUEST_START"])
     children: dict[int, list[int]] = {}
     for i, m in models.items():
-        if m.get("parent_id") in stamps:
+        if m.get("parent_id"):
             children.setdefault(m["parent_id"], []).append(i)
     paths = []
     for root in roots:

@@ -61,7 +61,7 @@ def test_locust_smoke_and_its_p95_gate(triton_server, tmp_path, bound_ms, expect
 def test_critical_path_from_tritons_trace(default_runtime_repository, tmp_path):
     """perf/critical_path.py on a real server's trace: only the requests sent while
     the trace is on, each cut into its steps' stretches, which add up to its total."""
-    import io
+    import statistics
 
     sys.path.insert(0, str(ROOT / "perf"))
     from critical_path import critical_path, critical_paths, traced, tracing_args
@@ -69,11 +69,10 @@ def test_critical_path_from_tritons_trace(default_runtime_repository, tmp_path):
     from samtriton import server, spec
     from samtriton.client import SamClient
     from samtriton.sample_image import sample_scene
+    from tests.conftest import encode
 
     scene, boxes = sample_scene(400, 300, seed=31)
-    buf = io.BytesIO()
-    scene.save(buf, format="JPEG")
-    image = buf.getvalue()
+    image = encode(scene, "JPEG")
     trace_file = tmp_path / "trace.json"
     ports = server.free_ports(3)
     with open(tmp_path / "tritonserver.log", "wb") as log:
@@ -102,5 +101,7 @@ def test_critical_path_from_tritons_trace(default_runtime_repository, tmp_path):
         assert sum(ms for _, ms in path[:-1]) == pytest.approx(path[-1][1], abs=1e-6)
         stretch = dict(path)
         assert all(stretch[f"{step}: compute infer"] > 0 for step in steps)
-    medians = dict(critical_path(trace_file, spec.ENSEMBLE))
-    assert min(p[-1][1] for p in paths) <= medians["total"] <= max(p[-1][1] for p in paths)
+    medians = critical_path(trace_file, spec.ENSEMBLE)
+    assert min(p[-1][1] for p in paths) <= dict(medians)["total"] <= max(p[-1][1] for p in paths)
+    assert medians == [(label, statistics.median(p[k][1] for p in paths)) for k, (label, _) in enumerate(paths[0])]
+    assert critical_path(trace_file, spec.ENSEMBLE, last=1) == paths[-1]
