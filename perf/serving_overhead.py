@@ -14,13 +14,14 @@ within one run) falls on both alike:
   (SamClient.segment_many served; a thread pool of the same size in-process),
   in-process and served back to back on the same burst, the order alternating
   between rounds; the ratio is the median of the rounds' ratios.
-The served side fetches its masks as COCO RLE by default, the SDK's default
-(the postprocess encodes them, the SDK decodes them); the in-process side
-hands over its arrays.  `--mask-transport dense` fetches the masks as they
-are instead, so both sides answer the same arrays and the ratio is what
-Triton, the ensemble and the python stubs add.  Each round's ratios are
+The served side fetches its masks as the SDK does by default, 8 pixels a
+byte (`masks_packed`, unpacked by the SDK); the in-process side hands over
+its arrays.  `--mask-transport dense` fetches them a byte a pixel, as the
+in-process side holds them, and `rle` as COCO RLE (the postprocess encodes
+them, the SDK decodes them: 1-2 ms a mask each for a random-weight
+checkpoint's noisy masks).  Each round's ratios are
 printed, then the medians; writes
-perf/results/serving_overhead[_<slug>][_dense].csv.
+perf/results/serving_overhead[_<slug>][_rle|_dense].csv.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from latency import RESULTS, machine  # noqa: E402
 
 from samtriton import server  # noqa: E402
 from samtriton.client import SamClient  # noqa: E402
-from samtriton.client.protocol import MASK_TRANSPORTS  # noqa: E402
+from samtriton.client.protocol import DEFAULT_MASK_TRANSPORT, MASK_TRANSPORTS  # noqa: E402
 from samtriton.serving.allocator import keep_freed_heap  # noqa: E402
 from samtriton.sample_image import sample_scene  # noqa: E402
 from samtriton.serving.pipeline import InProcessPipeline, repository_names, repository_parameters  # noqa: E402
@@ -102,8 +103,9 @@ def main(argv=None) -> int:
     parser.add_argument("--model", help="variant (default: the repository's default, `sam`)")
     parser.add_argument("--rounds", type=int, default=4,
                         help="rounds of paired requests and bursts, in alternating order; the ratios are medians")
-    parser.add_argument("--mask-transport", choices=MASK_TRANSPORTS, default="rle",
-                        help="how the served side fetches masks: COCO RLE (the SDK's default) or the dense arrays")
+    parser.add_argument("--mask-transport", choices=MASK_TRANSPORTS, default=DEFAULT_MASK_TRANSPORT,
+                        help="how the served side fetches masks: packed bits (the SDK's default), COCO RLE or "
+                             "the dense arrays")
     args = parser.parse_args(argv)
     # The served postprocess runs with these heap settings: so does its in-process twin, so
     # that the ratio is what serving adds, not what glibc's defaults cost.
@@ -155,7 +157,7 @@ def main(argv=None) -> int:
           f"(target >= 0.95)")
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = "serving_overhead" + ("" if args.model is None else f"_{get_variant(args.model).slug}")
-    name += ("" if args.mask_transport == "rle" else f"_{args.mask_transport}") + ".csv"
+    name += ("" if args.mask_transport == DEFAULT_MASK_TRANSPORT else f"_{args.mask_transport}") + ".csv"
     with open(RESULTS / name, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["machine", "metric", "served", "in_process", "served_over_in_process", "rounds"])

@@ -127,6 +127,15 @@ MASK_INPUTS = TensorSpec("mask_inputs", "TYPE_FP32", (-1, LOW_RES_MASK_SIZE, LOW
 SCORES = TensorSpec("scores", "TYPE_FP32", (-1,))
 MASKS_RLE = TensorSpec("masks_rle", "TYPE_STRING", (-1,))
 MASKS = TensorSpec("masks", "TYPE_UINT8", (-1, -1, -1))
+# `masks` with each row's pixels packed 8 to a byte, the first pixel in the
+# highest bit (numpy's packbits): [N, H, ceil(W / 8)].  1/8 of `masks` on the
+# wire, whatever the mask looks like, and cheap at both ends, where COCO RLE's
+# cost and size grow with the mask's edges (a noisy mask's RLE is as large as
+# this and costs 1-2 ms a mask to encode and as much to decode).
+MASKS_PACKED = TensorSpec("masks_packed", "TYPE_UINT8", (-1, -1, -1))
+# (height, width) of the original image, the masks' size: with `masks_packed`,
+# the width its last axis rounds up.
+IMAGE_SIZE = TensorSpec("image_size", "TYPE_INT32", (2,))
 LOW_RES_LOGITS = TensorSpec("low_res_logits", "TYPE_FP32",
                             (-1, -1, LOW_RES_MASK_SIZE, LOW_RES_MASK_SIZE))  # [N, K, 256, 256], K = 1 or 3
 
@@ -250,7 +259,7 @@ IMAGE_EMBEDDINGS_NAME = "image_embeddings"
 
 # The prompt inputs a `sam` request may carry (at least boxes or points), and what it returns.
 PROMPT_INPUTS = (BOXES, POINTS, POINT_LABELS, MASK_INPUTS)
-ENSEMBLE_OUTPUTS = (SCORES, MASKS_RLE, MASKS, LOW_RES_LOGITS)
+ENSEMBLE_OUTPUTS = (SCORES, MASKS_RLE, MASKS, MASKS_PACKED, IMAGE_SIZE, LOW_RES_LOGITS)
 
 
 def pixel_values(image_size: int, batched: bool) -> TensorSpec:

@@ -79,7 +79,8 @@ def test_triton_conventions():
         "point_labels": ("TYPE_INT32", [-1, -1], True),
         "mask_inputs": ("TYPE_FP32", [-1, 256, 256], True),
     }
-    assert [t.name for t in ens.output] == ["scores", "masks_rle", "masks", "low_res_logits"]
+    assert [t.name for t in ens.output] == ["scores", "masks_rle", "masks", "masks_packed", "image_size",
+                                               "low_res_logits"]
     assert cfgs[spec.ENCODE_ENSEMBLE].platform == "ensemble"
     for name in (NAMES.preprocess, NAMES.postprocess, NAMES.image_encoder, NAMES.mask_decoder):
         assert cfgs[name].backend == "python"

@@ -93,7 +93,7 @@ def test_variants_answer_with_their_own_weights(triton_server):
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
-@pytest.mark.parametrize("transport", ["rle", "dense"])
+@pytest.mark.parametrize("transport", ["packed", "dense"])
 def test_protocols_and_mask_transports_agree(triton_server, protocol, transport):
     image_bytes = IMAGES["landscape-jpeg-643x427"]
     boxes = random_boxes(np.random.default_rng(11), 3, 643, 427)
@@ -104,6 +104,23 @@ def test_protocols_and_mask_transports_agree(triton_server, protocol, transport)
     assert other.masks.dtype == bool and other.masks.shape == (3, 427, 643)
     assert np.array_equal(other.masks, baseline.masks)
     assert np.array_equal(other.scores, baseline.scores)
+    assert len(baseline.rles) == 3 and other.rles == []
+
+
+def test_mask_transports_agree_with_multimask(triton_server):
+    """Three candidates per prompt: the packed masks keep the candidate axis, the RLEs come three a prompt."""
+    image_bytes = IMAGES["landscape-jpeg-643x427"]
+    points = np.array([[[200.0, 150.0]], [[420.0, 300.0]]], np.float32)
+    with SamClient(triton_server.grpc_url) as client:
+        answers = {t: client.segment(image_bytes, points=points, multimask=True, mask_transport=t)
+                   for t in ("packed", "rle", "dense")}
+    packed = answers["packed"]
+    assert packed.masks.shape == (2, 3, 427, 643) and packed.masks.dtype == bool
+    assert packed.masks.any(axis=(-1, -2)).all()
+    for other in (answers["rle"], answers["dense"]):
+        assert np.array_equal(other.masks, packed.masks)
+        assert np.array_equal(other.scores, packed.scores)
+    assert [len(r) for r in answers["rle"].rles] == [3, 3]
 
 
 def test_sdk_accepts_path_pil_and_array(triton_server, tmp_path):

@@ -13,7 +13,8 @@ from torch.nn import functional as F
 
 from samtriton.serving.errors import InvalidInput
 from samtriton.serving.allocator import keep_freed_heap
-from samtriton.serving.postprocessing import decode_rle, encode_rle, masks_from_logits, upscaled_logits
+from samtriton.serving.postprocessing import (decode_rle, encode_rle, masks_from_logits, pack_masks, unpack_masks,
+                                              upscaled_logits)
 from samtriton.serving.preprocessing import decode_image, normalise_and_pad, resize_longest_side, resized_shape
 from samtriton.serving.prompts import Geometry, Limits, PromptInputs, transform_boxes, validate_boxes
 from samtriton.variants import SAM_PIXEL_MEAN, SAM_PIXEL_STD
@@ -165,6 +166,29 @@ def test_rle_round_trip_and_coco_format():
     # Masks of two images cannot share one array.
     with pytest.raises(ValueError, match=r"different sizes: \[\(37, 53\), \(53, 37\)\]"):
         decode_rle(encoded[:1] + encode_rle(masks[:1].transpose(0, 2, 1)))
+
+
+@pytest.mark.parametrize("shape", [(3, 37, 53), (2, 3, 5, 8), (1, 1, 1), (0, 4, 9)])
+def test_packed_masks_round_trip(shape):
+    """masks_packed: each row 8 pixels a byte, the first pixel in the highest bit, a partial last
+    byte zero-padded; unpacked with the width, the masks come back exactly (any layout packs alike)."""
+    masks = np.random.default_rng(3).random(shape) > 0.5
+    packed = pack_masks(masks)
+    assert packed.dtype == np.uint8 and packed.shape == (*shape[:-1], -(-shape[-1] // 8))
+    if masks.size:
+        assert packed.reshape(-1)[0] >> 7 == masks.reshape(-1)[0]
+    assert np.array_equal(pack_masks(np.asfortranarray(masks)), packed)
+    back = unpack_masks(packed, shape[-1])
+    assert back.dtype == bool and np.array_equal(back, masks)
+
+
+def test_unpacking_refuses_the_wrong_width():
+    packed = pack_masks(np.ones((2, 4, 53), bool))
+    assert unpack_masks(packed, 49).shape == (2, 4, 49)  # 53 and 49 both need 7 bytes a row
+    with pytest.raises(ValueError, match=r"uint8 \[2, 4, 7\] do not hold rows of 60 pixels"):
+        unpack_masks(packed, 60)
+    with pytest.raises(ValueError, match="do not hold rows"):
+        unpack_masks(packed.astype(np.int32), 53)
 
 
 def _png(mode: str, size=(40, 30), **info) -> bytes:

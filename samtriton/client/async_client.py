@@ -60,7 +60,7 @@ class AsyncSamClient(proto.ClientSettings):
             raise ServerUnavailableError(f"{self.url}: {e}") from e
 
     async def segment(self, image, boxes=None, *, points=None, point_labels=None, mask_input=None,
-                      multimask=False, prompts=None, mask_transport: str = "rle",
+                      multimask=False, prompts=None, mask_transport: str = proto.DEFAULT_MASK_TRANSPORT,
                       return_low_res_logits: bool = False) -> SegmentationResult:
         """See `SamClient.segment`.  With mixed prompt kinds, the first request
         encodes the image and the others, answered from the cache, run together."""
@@ -98,7 +98,8 @@ class AsyncSamClient(proto.ClientSettings):
         return await self.segment(encoded.image_bytes, boxes, **prompts)
 
     async def segment_many(self, requests: Iterable[tuple[object, object]], concurrency: int = 16,
-                           mask_transport: str = "rle", return_exceptions: bool = False) -> list:
+                           mask_transport: str = proto.DEFAULT_MASK_TRANSPORT,
+                           return_exceptions: bool = False) -> list:
         """Keeps up to `concurrency` requests in flight; results in input order.
         Items are (image, boxes) or (image, {keyword arguments of `segment`})."""
         if concurrency < 1:

@@ -14,12 +14,17 @@ from samtriton.client.errors import SamTritonError
 from samtriton.client.inputs import WirePrompts, as_boxes, group_prompts, wire_prompts
 from samtriton.client.result import EverythingResult, SegmentationResult
 from samtriton.serving.request_parameters import MULTIMASK_PARAMETER, OUTPUTS_PARAMETER
-from samtriton.serving.postprocessing import decode_rle
+from samtriton.serving.postprocessing import decode_rle, unpack_masks
 from samtriton.serving.prompts import Geometry
 from samtriton.variants import get_variant
 
 PROTOCOLS = ("grpc", "http")
-MASK_TRANSPORTS = ("rle", "dense")
+# How `segment` fetches the masks it returns as arrays (`SegmentationResult.masks`):
+# "packed": `masks_packed` (8 pixels a byte) and `image_size`, unpacked here;
+# "rle": COCO RLEs, decoded here and kept as `SegmentationResult.rles`;
+# "dense": `masks` as they are, a byte a pixel.
+MASK_TRANSPORTS = ("packed", "rle", "dense")
+DEFAULT_MASK_TRANSPORT = "packed"
 DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
 
 
@@ -84,6 +89,10 @@ def _input(module, spec_tensor, array: np.ndarray):
     return tensor
 
 
+_MASK_OUTPUTS = {"packed": (spec.MASKS_PACKED.name, spec.IMAGE_SIZE.name), "rle": (spec.MASKS_RLE.name,),
+                 "dense": (spec.MASKS.name,)}
+
+
 def segment_request(module, image_bytes: bytes, prompts: WirePrompts, mask_transport: str,
                     multimask: bool = False, low_res_logits: bool = False):
     """Inputs, requested outputs and parameters of one `sam` request."""
@@ -92,7 +101,7 @@ def segment_request(module, image_bytes: bytes, prompts: WirePrompts, mask_trans
     arrays = prompts.arrays()
     inputs = [_image_input(module, image_bytes)] + [_input(module, t, arrays[t.name])
                                                      for t in spec.PROMPT_INPUTS if t.name in arrays]
-    names = [spec.SCORES.name, spec.MASKS_RLE.name if mask_transport == "rle" else spec.MASKS.name]
+    names = [spec.SCORES.name, *_MASK_OUTPUTS[mask_transport]]
     if low_res_logits:
         names.append(spec.LOW_RES_LOGITS.name)
     outputs = [module.InferRequestedOutput(n) for n in names]
@@ -113,6 +122,15 @@ def segment_response(response, prompts: WirePrompts, mask_transport: str, multim
         masks = decode_rle(flat)
         masks = masks.reshape(*rle_array.shape, *masks.shape[1:])
         rles = [flat[i:i + 3] for i in range(0, len(flat), 3)] if multimask else flat
+    elif mask_transport == "packed":
+        rles = []
+        packed, size = response.as_numpy(spec.MASKS_PACKED.name), response.as_numpy(spec.IMAGE_SIZE.name)
+        if packed is None or size is None:
+            raise SamTritonError("response is missing masks_packed or image_size")
+        try:
+            masks = unpack_masks(packed, int(size[1]))
+        except ValueError as e:
+            raise SamTritonError(f"response's masks_packed: {e}") from e
     else:
         rles = []
         masks = response.as_numpy(spec.MASKS.name).astype(bool)

@@ -18,7 +18,8 @@ class SegmentationResult:
     masks: np.ndarray  # (N, H, W) bool at the original image size, or (N, 3, H, W)
     scores: np.ndarray  # (N,) or (N, 3) float32, the decoder's predicted IoU
     boxes: np.ndarray | None  # (N, 4) float32 as sent; NaN rows for prompts without a box; None: no boxes
-    rles: list = field(default_factory=list)  # COCO compressed RLE (JSON) per mask (per candidate), when fetched
+    # COCO compressed RLE (JSON) per mask (per candidate), when fetched (mask_transport="rle")
+    rles: list = field(default_factory=list)
     points: np.ndarray | None = None  # (N, P, 2) float32 as sent, padded
     point_labels: np.ndarray | None = None  # (N, P) int32: 1 foreground, 0 background, -1 padding
     # (N, K, 256, 256) float32 (K = 1, or 3 with multimask), when asked for: feed

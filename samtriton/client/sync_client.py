@@ -72,7 +72,8 @@ class SamClient(proto.ClientSettings):
             raise ServerUnavailableError(f"{self.url}: {e}") from e
 
     def segment(self, image, boxes=None, *, points=None, point_labels=None, mask_input=None, multimask=False,
-                prompts=None, mask_transport: str = "rle", return_low_res_logits: bool = False) -> SegmentationResult:
+                prompts=None, mask_transport: str = proto.DEFAULT_MASK_TRANSPORT,
+                return_low_res_logits: bool = False) -> SegmentationResult:
         """Masks for N prompts on `image`, one per prompt (three with `multimask`).
 
         `image`: a path, encoded bytes, a PIL image or an HxWx3 uint8 RGB array.
@@ -89,8 +90,11 @@ class SamClient(proto.ClientSettings):
         one request per kind is sent, the image is encoded once.
         `multimask`: three candidates per prompt with their predicted IoU
         (masks (N, 3, H, W), scores (N, 3)), for ambiguous single clicks.
-        `mask_transport`: "rle" fetches compact COCO RLEs and decodes them here;
-        "dense" fetches the N x H x W uint8 masks as they are.
+        `mask_transport`: "packed" (the default) fetches the masks 8 pixels a
+        byte and unpacks them here, cheap at both ends whatever the masks look
+        like; "rle" fetches COCO RLEs (also kept as `rles`, e.g. for COCO
+        files) and decodes them here; "dense" fetches the N x H x W uint8 masks
+        as they are, 8 times the bytes.
         """
         image_bytes = encode_image(image)
         plan = proto.plan_requests(boxes, points, point_labels, mask_input, prompts)
@@ -136,7 +140,8 @@ class SamClient(proto.ClientSettings):
         return self.segment(encoded.image_bytes, boxes, **prompts)
 
     def segment_many(self, requests: Iterable[tuple[object, object]], concurrency: int = 16,
-                     mask_transport: str = "rle", return_exceptions: bool = False) -> list:
+                     mask_transport: str = proto.DEFAULT_MASK_TRANSPORT,
+                     return_exceptions: bool = False) -> list:
         """Segment many (image, boxes) pairs keeping `concurrency` requests in flight;
         an item may also be (image, {"points": ..., "multimask": True, ...}), the
         keyword arguments of `segment`.

@@ -122,6 +122,20 @@ def masks_from_logits(low_res: np.ndarray, geometry: Geometry, frame_size: int =
     return out.transpose(0, 2, 1) if column_major else out
 
 
+def pack_masks(masks: np.ndarray) -> np.ndarray:
+    """(..., H, W) bool -> (..., H, ceil(W / 8)) uint8: each row's pixels 8 to a byte, the first
+    in the highest bit (`spec.MASKS_PACKED`).  Row-major masks pack fastest (five 683x1024
+    masks: 0.4 ms on the Intel Xeon of perf/README.md)."""
+    return np.packbits(masks, axis=-1)
+
+
+def unpack_masks(packed: np.ndarray, width: int) -> np.ndarray:
+    """Inverse of `pack_masks`: (..., H, ceil(W / 8)) uint8 and W -> (..., H, W) bool."""
+    if packed.dtype != np.uint8 or packed.ndim < 2 or packed.shape[-1] != -(-width // 8):
+        raise ValueError(f"packed masks {packed.dtype} {list(packed.shape)} do not hold rows of {width} pixels")
+    return np.unpackbits(packed, axis=-1, count=width).view(bool)
+
+
 def encode_rle(masks: np.ndarray) -> list[bytes]:
     """(N, H, W) bool -> one COCO compressed RLE per mask, as JSON bytes {"size": [h, w], "counts": str}."""
     from pycocotools import mask as mask_utils
