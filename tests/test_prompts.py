@@ -262,3 +262,34 @@ def test_mixed_prompt_kinds_go_out_per_kind_and_come_back_in_order():
     assert merged.scores.tolist() == [0, 1, 2, 3] and merged.rles == ["0", "1", "2", "3"]
     assert np.isnan(merged.boxes[1]).all() and merged.boxes[2].tolist() == [1, 1, 4, 4]
     assert merged.point_labels.tolist() == [[-1, -1], [1, 0], [1, -1], [1, -1]]
+
+
+def _grpc_result(**arrays):
+    """A tritonclient gRPC InferResult holding `arrays`, as the server's ModelInferResponse carries them."""
+    from tritonclient.grpc import InferResult, service_pb2
+    from tritonclient.utils import np_to_triton_dtype
+
+    response = service_pb2.ModelInferResponse(model_name=spec.ENSEMBLE)
+    for name, array in arrays.items():
+        response.outputs.add(name=name, datatype=np_to_triton_dtype(array.dtype), shape=list(array.shape))
+        response.raw_output_contents.append(np.ascontiguousarray(array).tobytes())
+    return InferResult(response)
+
+
+def test_packed_masks_response_is_unpacked_or_refused():
+    from samtriton.client import SamTritonError
+    from samtriton.client.protocol import segment_response
+    from samtriton.serving.postprocessing import pack_masks
+
+    wire = wire_prompts([[0, 0, 5, 5], [1, 1, 9, 6]], None, None, None)
+    masks = np.random.default_rng(4).random((2, 7, 13)) > 0.5
+    scores = np.array([0.5, 0.25], np.float32)
+    result = segment_response(_grpc_result(scores=scores, masks_packed=pack_masks(masks),
+                                           image_size=np.array([7, 13], np.int32)), wire, "packed")
+    assert result.masks.dtype == bool and np.array_equal(result.masks, masks) and result.rles == []
+    for size in ([8, 13], [7, 17], [7]):  # another height, a width of other bytes, not (h, w)
+        with pytest.raises(SamTritonError, match="masks_packed"):
+            segment_response(_grpc_result(scores=scores, masks_packed=pack_masks(masks),
+                                          image_size=np.array(size, np.int32)), wire, "packed")
+    with pytest.raises(SamTritonError, match="missing masks_packed or image_size"):
+        segment_response(_grpc_result(scores=scores, masks_packed=pack_masks(masks)), wire, "packed")

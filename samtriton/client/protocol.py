@@ -127,6 +127,9 @@ def segment_response(response, prompts: WirePrompts, mask_transport: str, multim
         packed, size = response.as_numpy(spec.MASKS_PACKED.name), response.as_numpy(spec.IMAGE_SIZE.name)
         if packed is None or size is None:
             raise SamTritonError("response is missing masks_packed or image_size")
+        if size.shape != (2,) or packed.ndim < 2 or packed.shape[-2] != size[0]:
+            raise SamTritonError(f"response's masks_packed {list(packed.shape)} disagrees with its image_size "
+                                 f"{size.tolist()}")
         try:
             masks = unpack_masks(packed, int(size[1]))
         except ValueError as e:
