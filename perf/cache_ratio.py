@@ -14,8 +14,8 @@ SDK's request as is (the round trip any client, perf_analyzer included,
 times) and the SDK's `segment`, which also turns the returned mask into an
 array.  Both are printed; the target is judged on the first.  The mask comes
 as the SDK fetches it by default (`masks_packed`, 8 pixels a byte), or as
-`--mask-transport` says (COCO RLE costs about 1.7 ms a mask to encode and
-1.2 ms to decode for a random-weight checkpoint's noisy masks).  Then where a
+`--mask-transport` says (COCO RLE took 1.7-2.4 ms a mask to encode and
+1.4-3.3 ms to decode for a random-weight checkpoint's noisy masks).  Then where a
 cached request's time goes: each step's queue and compute time and the ensemble's
 own total per request (Triton statistics over the cached phase), and what is
 left of the tritonclient round trip (the wire, gRPC, the client); then the

@@ -18,7 +18,7 @@ The served side fetches its masks as the SDK does by default, 8 pixels a
 byte (`masks_packed`, unpacked by the SDK); the in-process side hands over
 its arrays.  `--mask-transport dense` fetches them a byte a pixel, as the
 in-process side holds them, and `rle` as COCO RLE (the postprocess encodes
-them, the SDK decodes them: 1-2 ms a mask each for a random-weight
+them, the SDK decodes them: 1.4-3.3 ms a mask each for a random-weight
 checkpoint's noisy masks).  Each round's ratios are
 printed, then the medians; writes
 perf/results/serving_overhead[_<slug>][_rle|_dense].csv.

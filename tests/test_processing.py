@@ -177,6 +177,13 @@ def test_packed_masks_round_trip(shape):
     assert packed.dtype == np.uint8 and packed.shape == (*shape[:-1], -(-shape[-1] // 8))
     if masks.size:
         assert packed.reshape(-1)[0] >> 7 == masks.reshape(-1)[0]
+    # The format written out by hand: each row zero-padded to whole bytes, pixel 8k + j weighing 2^(7 - j).
+    width = packed.shape[-1] * 8
+    padded = np.zeros((*shape[:-1], width), np.uint16)
+    padded[..., :shape[-1]] = masks
+    by_hand = (padded.reshape(*shape[:-1], packed.shape[-1], 8) << np.arange(7, -1, -1, dtype=np.uint16)).sum(axis=-1)
+    assert np.array_equal(packed, by_hand)
+    # The postprocess packs the column-major masks it also RLE-encodes: the same bytes.
     assert np.array_equal(pack_masks(np.asfortranarray(masks)), packed)
     back = unpack_masks(packed, shape[-1])
     assert back.dtype == bool and np.array_equal(back, masks)
