@@ -127,6 +127,20 @@ def test_ensemble_wiring_is_closed(ensemble):
         assert out.name in available and compatible(tuple(out.dims), available[out.name]), out.name
 
 
+@pytest.mark.parametrize("ensemble", ZOO_ENSEMBLES)
+def test_ensemble_steps_run_one_after_another(ensemble):
+    """Each step after the first reads an output of the step before it, so that no
+    two steps of a request are ever in flight together.  Triton 2.51's ensemble
+    scheduler loses a request one of whose steps fails while another is still in
+    flight: the client waits forever (seen here with the preprocess and
+    `image_embedding` side by side; fixed in Triton core only in 2026, #466 and
+    #483)."""
+    steps = _zoo()[ensemble].ensemble_scheduling.step
+    for before, step in zip(steps, steps[1:]):
+        assert set(step.input_map.values()) & set(before.output_map.values()), (
+            f"{step.model_name} does not wait for {before.model_name}")
+
+
 def test_batching_and_cache_settings():
     cfgs = _generated()
     dec = cfgs[NAMES.mask_decoder]
