@@ -132,10 +132,10 @@ def test_ensemble_steps_run_one_after_another(ensemble):
     """Each step after the first reads an output of the step before it, so that no
     two steps of a request are ever in flight together.  Triton 2.51's ensemble
     scheduler loses a request one of whose steps fails while another is still in
-    flight: it ignores the other's completion, never finishes the request, and
-    the client was left waiting (seen here with the preprocess and
-    `image_embedding` side by side; fixed in Triton core only in 2026, #466 and
-    #483)."""
+    flight: it ignores the other's completion and never finishes the request
+    (seen here with the preprocess and `image_embedding` side by side: clients
+    left waiting, and requests counted in flight at shutdown; fixed in Triton
+    core only in 2026, #466 and #483)."""
     steps = _zoo()[ensemble].ensemble_scheduling.step
     for before, step in zip(steps, steps[1:]):
         assert set(step.input_map.values()) & set(before.output_map.values()), (
