@@ -239,9 +239,8 @@ def drain(metrics_port: int, timeout_s: float, settle_s: float = 1.0, poll_s: fl
     return False
 
 
-def python_stubs(server_pid: int) -> dict[int, str]:
-    """pid -> model instance folder of the python backend stubs the server started."""
-    stubs = {}
+def _stub_args(server_pid: int) -> dict[int, list[bytes]]:
+    """pid -> command line of each python backend stub the server started."""
     children = set()
     # A child belongs to the thread that started it: read every thread's list.
     for task in Path(f"/proc/{server_pid}/task").glob("*"):
@@ -249,14 +248,55 @@ def python_stubs(server_pid: int) -> dict[int, str]:
             children.update(int(c) for c in (task / "children").read_text().split())
         except OSError:
             continue
+    stubs = {}
     for pid in sorted(children):
         try:
             args = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
         except OSError:
             continue
         if args and args[0].endswith(b"triton_python_backend_stub") and len(args) > 1:
-            stubs[pid] = Path(args[1].decode(errors="replace")).parent.parent.name
+            stubs[pid] = args
     return stubs
+
+
+def python_stubs(server_pid: int) -> dict[int, str]:
+    """pid -> model instance folder of the python backend stubs the server started."""
+    return {pid: Path(args[1].decode(errors="replace")).parent.parent.name
+            for pid, args in _stub_args(server_pid).items()}
+
+
+SHM_DIR = Path("/dev/shm")
+SHM_REGION_PREFIX = "triton_python_backend_shm_region_"
+
+
+def stub_shm_regions(server_pid: int) -> set[str]:
+    """Names (under /dev/shm) of the shared-memory regions the server's python stubs use."""
+    # A stub's command line: <stub> <model.py> <its region's name> <region size> ...
+    names = set()
+    for args in _stub_args(server_pid).values():
+        name = args[2].decode(errors="replace") if len(args) > 2 else ""
+        if name.startswith(SHM_REGION_PREFIX) and "/" not in name:
+            names.add(name)
+    return names
+
+
+def remove_shm_regions(names: set[str]) -> list[str]:
+    """Unlink those of `names` still in /dev/shm, once their server has exited; the removed ones.
+
+    Measured with Triton 2.51: when a stub has died (killed, OOM) and a request reached it
+    before the server stopped, the server leaves that stub's region (32 MB here) behind; a
+    Kubernetes pod's /dev/shm (an emptyDir) outlives the container's restarts, so each such
+    crash would hold its region until the pod goes."""
+    removed = []
+    for name in sorted(names):
+        if not name.startswith(SHM_REGION_PREFIX) or "/" in name:
+            continue
+        try:
+            (SHM_DIR / name).unlink()
+        except FileNotFoundError:
+            continue
+        removed.append(name)
+    return removed
 
 
 def _alive(pid: int) -> bool:
@@ -280,6 +320,8 @@ class Watchdog:
     def __init__(self, server_pid: int, opts: ServerOptions, period_s: float = 2.0):
         self.server_pid, self.opts, self.period_s = server_pid, opts, period_s
         self.stubs: dict[int, str] = {}
+        # The stubs' shared-memory regions, for `remove_shm_regions` once the server is gone.
+        self.shm_regions: set[str] = set()
         self.was_ready, self.unready_since, self.next_check = False, None, time.monotonic()
 
     def check(self) -> str | None:
@@ -295,6 +337,7 @@ class Watchdog:
         if is_ready(self.opts.http_port, timeout=5.0):
             if not self.was_ready:
                 self.stubs = python_stubs(self.server_pid)
+                self.shm_regions = stub_shm_regions(self.server_pid)
             self.was_ready, self.unready_since = True, None
         elif self.was_ready:
             self.unready_since = self.unready_since or now
@@ -323,25 +366,31 @@ def run_foreground(opts: ServerOptions, log=lambda msg: print(f"samtriton: {msg}
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
     watchdog = Watchdog(proc.pid, opts)
-    while proc.poll() is None and not signals:
-        time.sleep(0.2)
-        problem = watchdog.check()
-        if problem and not signals:
-            log(f"{problem}: stopping, exit code {UNREADY_EXIT_CODE}, so that a supervisor restarts the server")
-            stop(proc)
-            return UNREADY_EXIT_CODE
-    if proc.poll() is None:
-        log(f"{signal.Signals(signals[0]).name}: refusing new requests, finishing those in flight")
-        opts.drain_file.touch()
-        try:
-            if not drain(opts.metrics_port, timeout_s=opts.exit_timeout_s):
-                log(f"requests still in flight after {opts.exit_timeout_s} s; stopping anyway")
-            if proc.poll() is None and len(signals) == 1:
-                proc.send_signal(signal.SIGTERM)
-            return proc.wait()
-        finally:
-            opts.drain_file.unlink(missing_ok=True)
-    return proc.wait()
+    try:
+        while proc.poll() is None and not signals:
+            time.sleep(0.2)
+            problem = watchdog.check()
+            if problem and not signals:
+                log(f"{problem}: stopping, exit code {UNREADY_EXIT_CODE}, so that a supervisor restarts the server")
+                stop(proc)
+                return UNREADY_EXIT_CODE
+        if proc.poll() is None:
+            log(f"{signal.Signals(signals[0]).name}: refusing new requests, finishing those in flight")
+            opts.drain_file.touch()
+            try:
+                if not drain(opts.metrics_port, timeout_s=opts.exit_timeout_s):
+                    log(f"requests still in flight after {opts.exit_timeout_s} s; stopping anyway")
+                if proc.poll() is None and len(signals) == 1:
+                    proc.send_signal(signal.SIGTERM)
+                return proc.wait()
+            finally:
+                opts.drain_file.unlink(missing_ok=True)
+        return proc.wait()
+    finally:
+        if proc.poll() is not None:  # never while the server could still be using them
+            removed = remove_shm_regions(watchdog.shm_regions)
+            if removed:
+                log(f"removed {len(removed)} shared-memory region(s) the server left in {SHM_DIR}: {', '.join(removed)}")
 
 
 def is_ready(http_port: int, host: str = "127.0.0.1", timeout: float = 2.0) -> bool:

@@ -193,17 +193,30 @@ def test_killed_stub_makes_serve_exit_for_a_restart(small_queue_repository, tmp_
     try:
         server.wait_ready(proc, http)
         time.sleep(3)  # the watchdog records the stubs once the server is ready
-        stubs = [pid for pid, model in server.python_stubs(_server_pid(proc.pid)).items()
+        triton_pid = _server_pid(proc.pid)
+        stubs = [pid for pid, model in server.python_stubs(triton_pid).items()
                  if model == NAMES.image_encoder]
         assert stubs, "no python stub found for the image encoder"
+        regions = server.stub_shm_regions(triton_pid)
+        assert len(regions) == len(server.python_stubs(triton_pid)), regions
         os.kill(stubs[0], signal.SIGKILL)
         killed_at = time.monotonic()
-        code = proc.wait(timeout=60)
+        with ThreadPoolExecutor(1) as pool:
+            # A request that reaches the dead stub before the watchdog stops the server makes
+            # Triton 2.51 leave the stub's shared-memory region behind when it stops.
+            late = pool.submit(lambda: SamClient(f"127.0.0.1:{grpc}").segment(*_new_image(8)))
+            code = proc.wait(timeout=60)
+            # The stub's "not healthy" (INTERNAL), or the server gone before the request got there.
+            with pytest.raises((InferenceFailedError, ServerUnavailableError)):
+                late.result(timeout=60)
         output = proc.stdout.read()
-        print(f"\nsamtriton serve exited {code} {time.monotonic() - killed_at:.1f} s after the kill")
+        print(f"\nsamtriton serve exited {code} {time.monotonic() - killed_at:.1f} s after the kill; "
+              f"{'it removed the region left' if 'shared-memory region' in output else 'no region was left'}")
         assert code == server.UNREADY_EXIT_CODE, output[-3000:]
         assert f"python stub of {NAMES.image_encoder}" in output
         assert not server.is_ready(http)  # and the server is gone, not left half-working
+        # ... and so is its shared memory, whether or not Triton left the killed stub's region.
+        assert not {r for r in regions if (server.SHM_DIR / r).exists()}, output[-3000:]
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
@@ -238,6 +251,7 @@ def test_without_the_watchdog_a_dead_stub_fails_requests_but_looks_ready(small_q
     try:
         server.wait_ready(proc, ports[0])
         (stub,) = [pid for pid, model in server.python_stubs(proc.pid).items() if model == NAMES.image_encoder]
+        regions = server.stub_shm_regions(proc.pid)
         os.kill(stub, signal.SIGKILL)
         time.sleep(2)
         for _ in range(2):
@@ -250,6 +264,9 @@ def test_without_the_watchdog_a_dead_stub_fails_requests_but_looks_ready(small_q
         assert not any(model == NAMES.image_encoder for model in server.python_stubs(proc.pid).values())
     finally:
         server.stop(proc)
+    # Triton leaves the killed stub's shared-memory region behind (what `samtriton serve` removes).
+    left = server.remove_shm_regions(regions)
+    assert len(left) == 1, left
 
 
 def test_sigterm_finishes_in_flight_refuses_new_and_exits_promptly(small_queue_repository):

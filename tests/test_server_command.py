@@ -64,3 +64,15 @@ def test_serve_cli_defaults_match_the_documented_ports():
     args = build_parser().parse_args(["serve", "--model-repository", "/m"])
     assert (args.http_port, args.grpc_port, args.metrics_port) == (8000, 8001, 8002)
     assert args.cache_size_mb * 2**20 == server.DEFAULT_CACHE_BYTES
+
+
+def test_remove_shm_regions_unlinks_only_python_backend_regions(tmp_path, monkeypatch):
+    monkeypatch.setattr(server, "SHM_DIR", tmp_path)
+    left = f"{server.SHM_REGION_PREFIX}1111"
+    gone = f"{server.SHM_REGION_PREFIX}2222"  # already removed by Triton
+    other = "samtriton_not_a_region"
+    for name in (left, other):
+        (tmp_path / name).write_bytes(b"x")
+    removed = server.remove_shm_regions({left, gone, other, f"{server.SHM_REGION_PREFIX}../{other}"})
+    assert removed == [left]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other]
