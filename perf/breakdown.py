@@ -6,8 +6,9 @@ Sends --requests sequential requests, a new image each with --boxes boxes and
 the response cache off, to `sam` (the repository's default variant) or to
 --model's own ensemble, and reads the per-model statistics Triton kept meanwhile:
 queue and compute (input + infer + output) per request for preprocess,
-image_embedding (which answers through its response sender: Triton counts its
-compute as the time to hand the request to its event loop), image_encoder
+image_embedding (which answers a miss through its response sender from an
+event loop: Triton counts its compute as the time to hand the request to the
+loop), image_encoder
 (called by image_embedding on a miss), mask_decoder and postprocess, the
 ensemble's own total, and
 what is left of the client's latency: the wire and the client (encoding the

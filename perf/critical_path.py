@@ -2,8 +2,12 @@
 
 Triton's statistics give each step's queue and compute time, but not the
 time between steps: a python step that answers through its response sender
-(`image_embedding`) has its compute counted as the hand-off to its event
-loop, and the copies of its response land between the steps.  Triton's
+from an event loop (`image_embedding` on a miss) has its compute counted as
+the hand-off to the loop, and the copies of its response land between the
+steps.  One that sends its response from inside `execute()` (`image_embedding`
+on a hit) counts the send in its compute infer, and the next step can start
+before that ends: "until <next> starts" is then negative, the two stretches
+together still exact.  Triton's
 trace (level TIMESTAMPS) stamps every step of an ensemble request, so the
 request's time can be cut into consecutive stretches: from each step's start
 to the next step's start (its queue, compute input and compute infer, then

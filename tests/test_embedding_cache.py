@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import struct
+import threading
 import zlib
 
 import numpy as np
@@ -29,6 +30,47 @@ def test_key_depends_on_bytes_and_context():
     assert image_key(a, "mobilesam|1024") == image_key(a, "mobilesam|1024")
     assert len({image_key(a, "mobilesam|1024"), image_key(b, "mobilesam|1024"), image_key(a, "vit-b|1024"),
                 image_key(a, "mobilesam|512")}) == 4
+
+
+def test_hits_from_another_thread_while_the_loop_computes_and_evicts():
+    """The image_embedding model answers hits on its execute() thread while its event loop
+    computes and evicts: every hit must be the right embedding, and every lookup counted."""
+    small = 64  # bytes an entry: many evictions quickly
+    cache = EmbeddingCache(4 * small)
+    keys = [bytes([k]) for k in range(8)]
+    done, wrong, errors, found = threading.Event(), [], [], [0]
+
+    def hits():
+        try:
+            while not done.is_set():
+                for k in keys:
+                    value = cache.hit(k)
+                    if value is not None:
+                        found[0] += 1
+                        if value[0] != k[0]:
+                            wrong.append((k, value[0]))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    async def churn():
+        async def compute(k):
+            return np.full(small // 4, k[0], np.float32)
+
+        for i in range(60000):
+            k = keys[i % len(keys)]
+            await cache.get_or_compute(k, lambda k=k: compute(k))
+
+    thread = threading.Thread(target=hits)
+    thread.start()
+    try:
+        asyncio.run(churn())
+    finally:
+        done.set()
+        thread.join(timeout=30)
+    assert not errors and not wrong, (errors[:3], wrong[:3])
+    c = cache.counters
+    assert found[0] > 0 and c.hits + c.misses == 60000 + found[0]  # no count lost between the threads
+    assert len(cache) == 4 and c.evictions == c.misses - 4
 
 
 def test_lru_eviction_by_bytes_and_counters():

@@ -8,15 +8,16 @@ produce.
 
 Concurrent requests for the same new image compute it once: the first
 starts the computation, the others wait for its result (or its error).  The
-cache lives in one asyncio event loop (the `image_embedding` python model's,
-whose async `execute()` serves many requests at once), so its bookkeeping
-needs no lock.
+computations live in one asyncio event loop (the `image_embedding` python
+model's); `get` is also called from the model's `execute()` thread, which
+answers hits itself, so the entries and counters are guarded by a lock.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ class EmbeddingCache:
         self.counters = CacheCounters()
         self._entries: OrderedDict[bytes, np.ndarray] = OrderedDict()
         self._bytes = 0
+        self._lock = threading.Lock()
         self._pending: dict[bytes, asyncio.Future] = {}
         # on_event(name, count): "hit", "miss", "shared", "eviction"; metrics hook.
         self._on_event = on_event or (lambda name, count: None)
@@ -67,37 +69,46 @@ class EmbeddingCache:
 
     def _count(self, event: str, count: int = 1) -> None:
         field = self._FIELDS[event]
-        setattr(self.counters, field, getattr(self.counters, field) + count)
+        with self._lock:
+            setattr(self.counters, field, getattr(self.counters, field) + count)
         self._on_event(event, count)
 
     def get(self, key: bytes) -> np.ndarray | None:
-        value = self._entries.get(key)
+        with self._lock:
+            value = self._entries.get(key)
+            if value is not None:
+                self._entries.move_to_end(key)
+        return value
+
+    def hit(self, key: bytes) -> np.ndarray | None:
+        """`get`, counted as a hit when it finds the embedding (a miss is counted where it is computed)."""
+        value = self.get(key)
         if value is not None:
-            self._entries.move_to_end(key)
+            self._count("hit")
         return value
 
     def put(self, key: bytes, value: np.ndarray) -> None:
         if value.nbytes > self.capacity_bytes:
             return
-        old = self._entries.pop(key, None)
-        if old is not None:
-            self._bytes -= old.nbytes
-        self._entries[key] = value
-        self._bytes += value.nbytes
         evicted = 0
-        while self._bytes > self.capacity_bytes:
-            _, dropped = self._entries.popitem(last=False)
-            self._bytes -= dropped.nbytes
-            evicted += 1
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._bytes -= old.nbytes
+            self._entries[key] = value
+            self._bytes += value.nbytes
+            while self._bytes > self.capacity_bytes:
+                _, dropped = self._entries.popitem(last=False)
+                self._bytes -= dropped.nbytes
+                evicted += 1
         if evicted:
             self._count("eviction", evicted)
 
     async def get_or_compute(self, key: bytes, compute: Callable[[], Awaitable[np.ndarray]]) -> np.ndarray:
         """The cached embedding of `key`, or `compute()`'s, computed once however
-        many requests ask for it meanwhile."""
-        value = self.get(key)
+        many requests ask for it meanwhile.  Call it on the cache's event loop."""
+        value = self.hit(key)
         if value is not None:
-            self._count("hit")
             return value
         pending = self._pending.get(key)
         if pending is not None:
