@@ -269,13 +269,17 @@ SHM_DIR = Path("/dev/shm")
 SHM_REGION_PREFIX = "triton_python_backend_shm_region_"
 
 
+def _is_region_name(name: str) -> bool:
+    return name.startswith(SHM_REGION_PREFIX) and "/" not in name
+
+
 def stub_shm_regions(server_pid: int) -> set[str]:
     """Names (under /dev/shm) of the shared-memory regions the server's python stubs use."""
     # A stub's command line: <stub> <model.py> <its region's name> <region size> ...
     names = set()
     for args in _stub_args(server_pid).values():
         name = args[2].decode(errors="replace") if len(args) > 2 else ""
-        if name.startswith(SHM_REGION_PREFIX) and "/" not in name:
+        if _is_region_name(name):
             names.add(name)
     return names
 
@@ -288,9 +292,7 @@ def remove_shm_regions(names: set[str]) -> list[str]:
     Kubernetes pod's /dev/shm (an emptyDir) outlives the container's restarts, so each such
     crash would hold its region until the pod goes."""
     removed = []
-    for name in sorted(names):
-        if not name.startswith(SHM_REGION_PREFIX) or "/" in name:
-            continue
+    for name in sorted(filter(_is_region_name, names)):
         try:
             (SHM_DIR / name).unlink()
         except FileNotFoundError:

@@ -9,7 +9,7 @@ produce.
 Concurrent requests for the same new image compute it once: the first
 starts the computation, the others wait for its result (or its error).  The
 computations live in one asyncio event loop (the `image_embedding` python
-model's); `get` is also called from the model's `execute()` thread, which
+model's); `hit` is also called from the model's `execute()` thread, which
 answers hits itself, so the entries and counters are guarded by a lock.
 """
 
