@@ -3,7 +3,9 @@ from it by the real CLI, and a real tritonserver serving it on free ports."""
 
 from __future__ import annotations
 
+import faulthandler
 import io
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -20,6 +22,28 @@ CHECKPOINT_SEED = 0
 # The variants the test server holds side by side (mobilesam is the default,
 # `sam`); the served-vs-upstream fidelity tests run on each.
 SERVED_MODELS = ("mobilesam", "efficientvit-sam-l0", "sam-vit-b")
+
+# pytest-timeout fails a test by raising from its SIGALRM handler. A test stuck where
+# that exception is lost (raised inside a __del__, or a C call that never returns to
+# Python) would hang on to CI's limit and print nothing; HANG_MARGIN_S past the test's
+# timeout every thread's stack goes to the real stderr and pytest exits.
+HANG_MARGIN_S = float(os.environ.get("SAMTRITON_TEST_HANG_MARGIN_S", "120"))
+_REAL_STDERR = pytest.StashKey[int]()
+
+
+def pytest_configure(config):
+    # Output capture is suspended here; during a test, fd 2 is that test's capture file.
+    config.stash[_REAL_STDERR] = os.dup(2)
+
+
+def pytest_timeout_set_timer(item, settings):
+    faulthandler.dump_traceback_later(settings.timeout + HANG_MARGIN_S, exit=True,
+                                      file=item.config.stash[_REAL_STDERR])
+    # None: pytest-timeout sets its own timer too
+
+
+def pytest_timeout_cancel_timer(item):
+    faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture(scope="session")

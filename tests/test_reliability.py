@@ -80,6 +80,14 @@ def _new_image(seed: int) -> tuple[bytes, np.ndarray]:
     return encode(scene, "JPEG", quality=85), random_boxes(np.random.default_rng(seed), 2, 480, 320)
 
 
+def _segment_once(grpc_port: int, image: bytes, boxes: np.ndarray):
+    """One request on a client of its own, closed before this returns: a client left to the
+    garbage collector (its failed call's traceback keeps it in a reference cycle) would close
+    its gRPC channel inside a later test, wherever the collector happens to run."""
+    with SamClient(f"127.0.0.1:{grpc_port}") as client:
+        return client.segment(image, boxes)
+
+
 def test_burst_beyond_the_queue_is_refused_fast(small_queue_server):
     (http, grpc, _), _ = small_queue_server
     requests = [_new_image(1000 + i) for i in range(12)]
@@ -204,7 +212,7 @@ def test_killed_stub_makes_serve_exit_for_a_restart(small_queue_repository, tmp_
         with ThreadPoolExecutor(1) as pool:
             # A request that reaches the dead stub before the watchdog stops the server makes
             # Triton 2.51 leave the stub's shared-memory region behind when it stops.
-            late = pool.submit(lambda: SamClient(f"127.0.0.1:{grpc}").segment(*_new_image(8)))
+            late = pool.submit(_segment_once, grpc, *_new_image(8))
             code = proc.wait(timeout=60)
             # The stub's "not healthy" (INTERNAL), or the server gone before the request got there.
             with pytest.raises((InferenceFailedError, ServerUnavailableError)):
@@ -284,13 +292,13 @@ def test_sigterm_finishes_in_flight_refuses_new_and_exits_promptly(small_queue_r
         image, _ = _new_image(31)
         many = random_boxes(np.random.default_rng(31), 40, 480, 320)
         with ThreadPoolExecutor(2) as pool:
-            in_flight = pool.submit(lambda: SamClient(f"127.0.0.1:{grpc}").segment(image, many))
+            in_flight = pool.submit(_segment_once, grpc, image, many)
             time.sleep(1.0)  # inside the encoder / decoder by now
             proc.send_signal(signal.SIGTERM)
             signalled = time.monotonic()
             time.sleep(0.5)
             with pytest.raises(ServerUnavailableError, match="shutting down"):
-                SamClient(f"127.0.0.1:{grpc}").segment(*_new_image(32))
+                _segment_once(grpc, *_new_image(32))
             result = in_flight.result(timeout=120)
         assert len(result.scores) == 40
         code = proc.wait(timeout=server.EXIT_TIMEOUT_S + 30)
