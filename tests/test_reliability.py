@@ -80,11 +80,11 @@ def _new_image(seed: int) -> tuple[bytes, np.ndarray]:
     return encode(scene, "JPEG", quality=85), random_boxes(np.random.default_rng(seed), 2, 480, 320)
 
 
-def _segment_once(grpc_port: int, image: bytes, boxes: np.ndarray):
+def _segment_once(grpc_port: int, image: bytes, boxes: np.ndarray, timeout_s: float = 120.0):
     """One request on a client of its own, closed before this returns: a client left to the
     garbage collector (its failed call's traceback keeps it in a reference cycle) would close
     its gRPC channel inside a later test, wherever the collector happens to run."""
-    with SamClient(f"127.0.0.1:{grpc_port}") as client:
+    with SamClient(f"127.0.0.1:{grpc_port}", timeout_s=timeout_s) as client:
         return client.segment(image, boxes)
 
 
@@ -264,8 +264,7 @@ def test_without_the_watchdog_a_dead_stub_fails_requests_but_looks_ready(small_q
         time.sleep(2)
         for _ in range(2):
             with pytest.raises(InferenceFailedError, match="not healthy"):
-                with SamClient(f"127.0.0.1:{ports[1]}") as client:
-                    client.segment(*_new_image(9))
+                _segment_once(ports[1], *_new_image(9), timeout_s=60)  # "not healthy" comes at once
         assert server.is_ready(ports[0])
         with urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/v2/health/live", timeout=5) as r:
             assert r.status == 200
