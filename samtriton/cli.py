@@ -130,6 +130,8 @@ def serving_options(args):
         embedding_cache_mb=args.embedding_cache_mb,
         encoder_response_cache=args.encoder_response_cache or None,
         cpu_warmup=False if args.no_cpu_warmup else None,
+        embedding_handoff=False if args.no_embedding_handoff else None,
+        embedding_handoff_spare_slots=args.embedding_handoff_spare_slots,
         **step_runtimes(args),
         limits=Limits(max_image_bytes=args.max_image_bytes, max_pixels=args.max_pixels, max_boxes=args.max_boxes,
                       max_points=args.max_points),
@@ -613,6 +615,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cpu-warmup", action="store_true",
                    help="CPU target: no warm-up request through each encoder and decoder at load (by default "
                         "Triton runs one, so that the runtimes' slow first call is not a client's)")
+    p.add_argument("--no-embedding-handoff", action="store_true",
+                   help="CPU target: the `sam` ensemble passes the decoder the 4 MiB embedding as a tensor, not a "
+                        "handle to it in /dev/shm (which needs shared memory for the embedding cache plus "
+                        f"{defaults.embedding_handoff_spare_slots} x 4 MiB: Docker's --shm-size)")
+    p.add_argument("--embedding-handoff-spare-slots", type=int,
+                   help="CPU target: slots of the shared-memory arena beyond the embedding cache, for embeddings "
+                        f"on their way to the decoder; default {defaults.embedding_handoff_spare_slots}")
     p.add_argument("--max-image-bytes", type=int, default=defaults.limits.max_image_bytes)
     p.add_argument("--max-pixels", type=int, default=defaults.limits.max_pixels)
     p.add_argument("--max-boxes", type=int, default=defaults.limits.max_boxes,

@@ -268,8 +268,17 @@ def pixel_values(image_size: int, batched: bool) -> TensorSpec:
     return TensorSpec(PIXEL_VALUES_NAME, "TYPE_FP32", dims if batched else (1, *dims))
 
 
-def image_embeddings(batched: bool) -> TensorSpec:
-    return TensorSpec(IMAGE_EMBEDDINGS_NAME, "TYPE_FP32", EMBEDDING_SHAPE if batched else (1, *EMBEDDING_SHAPE))
+def image_embeddings(batched: bool, optional: bool = False) -> TensorSpec:
+    return TensorSpec(IMAGE_EMBEDDINGS_NAME, "TYPE_FP32", EMBEDDING_SHAPE if batched else (1, *EMBEDDING_SHAPE),
+                      optional=optional)
+
+
+# CPU target: where `image_embedding` put an image's embedding in shared memory
+# (`samtriton.serving.embedding_arena`): the arena's epoch, the slot and the
+# slot's sequence number.  The `sam` ensemble passes it to the decoder in place
+# of the 4 MiB embedding; `sam_encode` and direct decoder calls use the tensor.
+EMBEDDING_HANDLE = TensorSpec("embedding_handle", "TYPE_INT64", (1, 3))
+EMBEDDING_HANDLE_BATCHED = TensorSpec("embedding_handle", "TYPE_INT64", (3,), optional=True)
 
 
 @dataclass(frozen=True)
@@ -278,8 +287,11 @@ class ModelIO:
     outputs: tuple[TensorSpec, ...]
 
 
-def model_io(encoder_size: int) -> dict[str, ModelIO]:
+def model_io(encoder_size: int, embedding_handoff: bool = False) -> dict[str, ModelIO]:
     """Inputs and outputs of every model role, for one encoder input size.
+
+    `embedding_handoff` (the CPU target): `image_embedding` can answer with an
+    `EMBEDDING_HANDLE` as well as the embedding, and the decoder takes either.
 
     The image encoder and mask decoder batch across requests (max_batch_size
     > 0, dims without the batch axis); the other steps see one request's full
@@ -298,14 +310,17 @@ def model_io(encoder_size: int) -> dict[str, ModelIO]:
         # decoded image is checked against it.  Run side by side, the two would
         # take 2-3 ms off a cache hit, but Triton 2.51 loses a request whose step
         # fails while another is in flight (tests/test_configs.py).
-        IMAGE_EMBEDDING: ModelIO(inputs=(IMAGE, IMAGE_GEOMETRY), outputs=(image_embeddings(batched=False),)),
+        IMAGE_EMBEDDING: ModelIO(inputs=(IMAGE, IMAGE_GEOMETRY), outputs=(
+            (image_embeddings(batched=False), EMBEDDING_HANDLE) if embedding_handoff
+            else (image_embeddings(batched=False),))),
         IMAGE_ENCODER: ModelIO(
             inputs=(pixel_values(encoder_size, batched=True),),
             outputs=(image_embeddings(batched=True),),
         ),
         MASK_DECODER: ModelIO(
-            inputs=(image_embeddings(batched=True), PROMPT_COORDS_RAGGED, PROMPT_LABELS_RAGGED,
-                    MODEL_MASK_INPUTS_RAGGED, HAS_MASK_INPUT_RAGGED),
+            inputs=(*((image_embeddings(batched=True, optional=True), EMBEDDING_HANDLE_BATCHED) if embedding_handoff
+                      else (image_embeddings(batched=True),)),
+                    PROMPT_COORDS_RAGGED, PROMPT_LABELS_RAGGED, MODEL_MASK_INPUTS_RAGGED, HAS_MASK_INPUT_RAGGED),
             outputs=(LOW_RES_MASKS_BATCHED, IOU_PREDICTIONS_BATCHED),
         ),
         POSTPROCESS: ModelIO(
@@ -318,11 +333,16 @@ def model_io(encoder_size: int) -> dict[str, ModelIO]:
 
 # The ensembles' wiring: for each step, model name, model input -> ensemble
 # tensor and model output -> ensemble tensor.  Tensors keep their own names.
-def ensemble_steps(role: str, names: ModelNames, encoder_size: int) -> list[tuple[str, dict[str, str], dict[str, str]]]:
-    io = model_io(encoder_size)
+# With `embedding_handoff`, `sam` passes the decoder the embedding's handle, not the embedding.
+def ensemble_steps(role: str, names: ModelNames, encoder_size: int,
+                   embedding_handoff: bool = False) -> list[tuple[str, dict[str, str], dict[str, str]]]:
+    io = model_io(encoder_size, embedding_handoff)
     if role == ENSEMBLE:
+        passed = EMBEDDING_HANDLE.name if embedding_handoff else IMAGE_EMBEDDINGS_NAME
+        left_out = {IMAGE_EMBEDDINGS_NAME, EMBEDDING_HANDLE.name} - {passed}
         return [
-            (names.of(r), {t.name: t.name for t in io[r].inputs}, {t.name: t.name for t in io[r].outputs})
+            (names.of(r), {t.name: t.name for t in io[r].inputs if t.name not in left_out},
+             {t.name: t.name for t in io[r].outputs if t.name not in left_out})
             for r in (PREPROCESS, IMAGE_EMBEDDING, MASK_DECODER, POSTPROCESS)
         ]
     if role == ENCODE_ENSEMBLE:

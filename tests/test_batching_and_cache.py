@@ -347,3 +347,74 @@ def test_a_cached_image_does_not_wait_behind_a_new_one(triton_server):
     assert answered_first and len(hit.scores) == 1
     assert miss_done.is_set()
     assert _delta(triton_server.embedding_cache_events(vit_b), events0)["hit"] == 1
+
+
+def _infer(server, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+    import tritonclient.grpc as g
+    from tritonclient.utils import np_to_triton_dtype
+
+    client = g.InferenceServerClient(server.grpc_url)
+    try:
+        tensors = []
+        for name, array in inputs.items():
+            tensors.append(g.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype)))
+            tensors[-1].set_data_from_numpy(array)
+        r = client.infer(model, tensors, outputs=[g.InferRequestedOutput(n) for n in outputs])
+        return {n: r.as_numpy(n) for n in outputs}
+    finally:
+        client.close()
+
+
+def _prompt_inputs(request) -> dict[str, np.ndarray]:
+    return {spec.PROMPT_COORDS_NAME: request.coords, spec.PROMPT_LABELS_NAME: request.labels,
+            spec.MODEL_MASK_INPUTS_NAME: request.mask_inputs, spec.HAS_MASK_INPUT_NAME: request.has_mask_input}
+
+
+def test_sam_hands_the_decoder_a_handle_it_reads_in_place(triton_server):
+    """image_embedding answers `embedding_handle` (what `sam` asks for) with a slot of its
+    arena in /dev/shm, named after the server, and `image_embeddings` with the same
+    embedding; the decoder gives the same masks for the handle as for the tensor; bad
+    handles fail naming the input."""
+    import glob
+
+    from samtriton.serving import decoder_batch, embedding_arena
+
+    arenas = glob.glob(f"{embedding_arena.DIRECTORY}/{embedding_arena.PREFIX}-{triton_server.proc.pid}-*")
+    assert arenas, "no embedding arena of this server in /dev/shm"
+    image = encode(sample_scene(400, 300, seed=4100)[0], "PNG")
+    encoded = _infer(triton_server, spec.ENCODE_ENSEMBLE, {spec.IMAGE.name: np.array([image], dtype=object)},
+                     [spec.IMAGE_GEOMETRY.name, spec.IMAGE_EMBEDDINGS_NAME])
+    step_inputs = {spec.IMAGE.name: np.array([image], dtype=object),
+                   spec.IMAGE_GEOMETRY.name: encoded[spec.IMAGE_GEOMETRY.name]}
+    handle = _infer(triton_server, EMBEDDING, step_inputs, [spec.EMBEDDING_HANDLE.name])[spec.EMBEDDING_HANDLE.name]
+    tensor = _infer(triton_server, EMBEDDING, step_inputs, [spec.IMAGE_EMBEDDINGS_NAME])[spec.IMAGE_EMBEDDINGS_NAME]
+    assert handle.shape == (1, 3) and handle.dtype == np.int64
+    np.testing.assert_array_equal(tensor, encoded[spec.IMAGE_EMBEDDINGS_NAME])
+
+    request = decoder_batch.sample_requests(np.random.default_rng(7), images=np.repeat(tensor, 2, axis=0))[0]
+    outputs = [spec.LOW_RES_MASKS_NAME, spec.IOU_PREDICTIONS_NAME]
+    by_tensor = _infer(triton_server, DECODER, {spec.IMAGE_EMBEDDINGS_NAME: tensor, **_prompt_inputs(request)},
+                       outputs)
+    by_handle = _infer(triton_server, DECODER, {spec.EMBEDDING_HANDLE.name: handle, **_prompt_inputs(request)},
+                       outputs)
+    for name in outputs:
+        np.testing.assert_allclose(by_handle[name], by_tensor[name], rtol=0, atol=1e-5)
+
+    epoch, slot, seq = (int(v) for v in handle[0])
+    for inputs, code, field, problem in (
+        ({spec.IMAGE_EMBEDDINGS_NAME: tensor, spec.EMBEDDING_HANDLE.name: handle}, "INVALID_ARGUMENT",
+         spec.EMBEDDING_HANDLE.name, "not both"),
+        ({spec.EMBEDDING_HANDLE.name: np.array([[epoch, 10**6, seq]], np.int64)}, "INVALID_ARGUMENT",
+         spec.EMBEDDING_HANDLE.name, "outside the arena"),
+        ({spec.EMBEDDING_HANDLE.name: np.array([[epoch, slot, seq + 2]], np.int64)}, "UNAVAILABLE", None,
+         "evicted"),
+        ({spec.EMBEDDING_HANDLE.name: np.array([[epoch ^ 1, slot, seq]], np.int64)}, "UNAVAILABLE", None,
+         "arena is gone"),
+        ({}, "INVALID_ARGUMENT", spec.IMAGE_EMBEDDINGS_NAME, "missing"),
+    ):
+        with pytest.raises(Exception) as info:
+            _infer(triton_server, DECODER, {**inputs, **_prompt_inputs(request)}, outputs)
+        assert info.value.status() == f"StatusCode.{code}", info.value
+        assert problem in info.value.message()
+        if field:
+            assert from_triton(info.value).field == field

@@ -65,8 +65,9 @@ def test_gpu_configs_are_tensorrt_models_with_ragged_decoder():
         tokens = spec.gpu_prompt_tokens(GPU.limits.max_points)
         assert dec.parameters["prompt_tokens"].string_value == str(tokens)
         assert cfgs[names.preprocess].parameters["pad_prompt_tokens"].string_value == str(tokens)
-        # The CPU-side steps are the very same models as on the CPU target.
-        cpu = model_configs([v], {v.name: WeightsInfo("w", random=False)}, ServingOptions())
+        # The CPU-side steps are the very same models as on the CPU target without the
+        # embedding handoff (the GPU's decoder is a TensorRT model: it takes the tensor).
+        cpu = model_configs([v], {v.name: WeightsInfo("w", random=False)}, ServingOptions(embedding_handoff=False))
         for name in (names.preprocess, names.image_embedding, spec.POSTPROCESS, names.ensemble, names.encode_ensemble):
             if name == spec.POSTPROCESS:
                 continue  # lists the variants it serves

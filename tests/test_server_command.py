@@ -60,6 +60,31 @@ def test_build_cli_batching_options_reach_the_configs(tmp_path):
     assert not any(cfg.model_warmup for cfg in cfgs.values())
 
 
+def test_build_cli_embedding_handoff_options_reach_the_configs(tmp_path):
+    from samtriton import spec
+    from samtriton.build.configs import model_configs
+    from samtriton.build.repository import TEMPLATE_WEIGHTS
+    from samtriton.cli import serving_options
+    from samtriton.variants import get_variant
+
+    def configs(*extra):
+        args = build_parser().parse_args(["build", "--random-weights", "--out", str(tmp_path), *extra])
+        return model_configs([get_variant("mobilesam")], {"mobilesam": TEMPLATE_WEIGHTS}, serving_options(args))
+
+    def sam_passes(cfgs):
+        decoder_step = cfgs[spec.ENSEMBLE].ensemble_scheduling.step[2]
+        return {spec.IMAGE_EMBEDDINGS_NAME, spec.EMBEDDING_HANDLE.name} & set(decoder_step.input_map)
+
+    spare = configs("--embedding-handoff-spare-slots", "4")
+    assert spare["mobilesam_image_embedding"].parameters["embedding_handoff_spare_slots"].string_value == "4"
+    assert sam_passes(spare) == {spec.EMBEDDING_HANDLE.name}
+    off = configs("--no-embedding-handoff")
+    assert off["mobilesam_image_embedding"].parameters["embedding_handoff_spare_slots"].string_value == "0"
+    assert sam_passes(off) == {spec.IMAGE_EMBEDDINGS_NAME}
+    assert spec.EMBEDDING_HANDLE.name not in {t.name for t in off["mobilesam_mask_decoder"].input}
+    assert sam_passes(configs("--target", "gpu")) == {spec.IMAGE_EMBEDDINGS_NAME}
+
+
 def test_serve_cli_defaults_match_the_documented_ports():
     args = build_parser().parse_args(["serve", "--model-repository", "/m"])
     assert (args.http_port, args.grpc_port, args.metrics_port) == (8000, 8001, 8002)

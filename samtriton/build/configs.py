@@ -39,6 +39,13 @@ class ServingOptions:
     # ensembles): keyed by the encoded image, LRU, this many MiB per variant
     # (an embedding is 4 MiB).  0: no cache.
     embedding_cache_mb: int = 256
+    # CPU target: `image_embedding` keeps its embeddings in a /dev/shm arena and
+    # the `sam` ensemble hands the decoder a slot's handle instead of the 4 MiB
+    # tensor (samtriton.serving.embedding_arena; about 2 ms off a cache hit).
+    # The arena holds the cache plus this many slots for embeddings on their way
+    # to the decoder (a released slot is reused once its handles have been read).
+    embedding_handoff: bool = True
+    embedding_handoff_spare_slots: int = 16
     # Threads that decode, resize and normalise images on embedding-cache misses.
     embedding_decode_threads: int = 2
     # Triton's response cache on the encoder itself (keyed by the 12 MB encoder
@@ -95,6 +102,10 @@ class ServingOptions:
     def __post_init__(self):
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+        if self.embedding_handoff and self.target != "cpu":
+            raise ValueError("embedding_handoff needs the CPU target's python decoder")
+        if self.embedding_handoff_spare_slots < 1:
+            raise ValueError(f"embedding_handoff_spare_slots must be >= 1, got {self.embedding_handoff_spare_slots}")
 
     @classmethod
     def for_target(cls, target: str, **overrides) -> "ServingOptions":
@@ -110,7 +121,7 @@ class ServingOptions:
             base.update(encoder_max_batch_size=8, encoder_queue_delay_us=1000, encoder_preferred_batch_sizes=(4, 8),
                         decoder_max_batch_size=4, decoder_queue_delay_us=500, preprocess_instances=4,
                         embedding_decode_threads=4,
-                        postprocess_instances=4, encoder_max_misses=128)
+                        postprocess_instances=4, encoder_max_misses=128, embedding_handoff=False)
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
 
@@ -212,9 +223,12 @@ DECODER_WARMUP_DIMS = {spec.PROMPT_COORDS_NAME: [1, 2, 2], spec.PROMPT_LABELS_NA
 
 
 def _add_warmup(cfg: mc.ModelConfig, dims: Mapping[str, list[int]] | None = None) -> None:
-    """One batch-1 warm-up request of zeros (`dims` for the inputs whose own dims are variable)."""
+    """One batch-1 warm-up request of zeros (`dims` for the inputs whose own dims are variable);
+    the decoder's takes its embedding as a tensor (no arena slot holds zeros)."""
     warmup = cfg.model_warmup.add(name="first_call", batch_size=1, count=1)
     for t in cfg.input:
+        if t.name == spec.EMBEDDING_HANDLE.name:
+            continue
         shape = list((dims or {}).get(t.name, t.dims))
         if any(d < 0 for d in shape):
             raise ValueError(f"{cfg.name}: warm-up input {t.name} needs fixed dims, has {shape}")
@@ -237,14 +251,15 @@ def _everything(name: str, names: spec.ModelNames, variant: ModelVariant, weight
     return cfg
 
 
-def _ensemble(name: str, role: str, names: spec.ModelNames, variant: ModelVariant, weights: WeightsInfo):
+def _ensemble(name: str, role: str, names: spec.ModelNames, variant: ModelVariant, weights: WeightsInfo,
+              embedding_handoff: bool):
     io = spec.model_io(variant.encoder_size)
     ens = _base(name, variant, weights)
     ens.platform = "ensemble"
     ens.max_batch_size = 0
     _add_tensors(ens.input, io[role].inputs, inputs=True)
     _add_tensors(ens.output, io[role].outputs)
-    for model, inputs, outputs in spec.ensemble_steps(role, names, variant.encoder_size):
+    for model, inputs, outputs in spec.ensemble_steps(role, names, variant.encoder_size, embedding_handoff):
         step = ens.ensemble_scheduling.step.add(model_name=model, model_version=-1)
         step.input_map.update(inputs)
         step.output_map.update(outputs)
@@ -256,7 +271,7 @@ def variant_configs(variant: ModelVariant, weights: WeightsInfo, options: Servin
     """One variant's preprocess, image embedding, encoder, decoder, its two
     ensembles and sam_everything; `steps`:
     the CPU runtimes a build chose and gated (None: the options', unchecked)."""
-    io = spec.model_io(variant.encoder_size)
+    io = spec.model_io(variant.encoder_size, options.embedding_handoff)
     names = spec.model_names(variant.slug)
 
     pre = _python_model(names.preprocess, variant, weights, io[spec.PREPROCESS], options.preprocess_instances)
@@ -273,7 +288,9 @@ def variant_configs(variant: ModelVariant, weights: WeightsInfo, options: Servin
     bounds = [n for n in (options.encoder_max_misses, options.encoder_max_queue_size) if n > 0]
     max_misses = min(bounds, default=0)
     settings.update(image_encoder=names.image_encoder, embedding_cache_mb=str(options.embedding_cache_mb),
-                    decode_threads=str(options.embedding_decode_threads), max_misses_in_flight=str(max_misses))
+                    decode_threads=str(options.embedding_decode_threads), max_misses_in_flight=str(max_misses),
+                    embedding_handoff_spare_slots=str(options.embedding_handoff_spare_slots
+                                                      if options.embedding_handoff else 0))
     for key, value in settings.items():
         emb.parameters[key].string_value = value
 
@@ -312,7 +329,7 @@ def variant_configs(variant: ModelVariant, weights: WeightsInfo, options: Servin
             policy.default_timeout_microseconds = int(options.queue_timeout_s * 1e6)
             policy.allow_timeout_override = True
 
-    ensembles = [_ensemble(names.of(role), role, names, variant, weights)
+    ensembles = [_ensemble(names.of(role), role, names, variant, weights, options.embedding_handoff)
                  for role in (spec.ENSEMBLE, spec.ENCODE_ENSEMBLE)]
     return [*ensembles, pre, emb, enc, dec, _everything(names.everything, names, variant, weights, options)]
 
@@ -344,7 +361,8 @@ def model_configs(
                                        None if steps is None else steps[variant.name]))
     aliases = spec.default_names(default_variant.slug)
     for role in (spec.ENSEMBLE, spec.ENCODE_ENSEMBLE):
-        configs.append(_ensemble(aliases.of(role), role, aliases, default_variant, weights[default_variant.name]))
+        configs.append(_ensemble(aliases.of(role), role, aliases, default_variant, weights[default_variant.name],
+                                 options.embedding_handoff))
     configs.append(_everything(aliases.everything, aliases, default_variant, weights[default_variant.name], options))
 
     io = spec.model_io(default_variant.encoder_size)

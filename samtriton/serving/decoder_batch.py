@@ -50,9 +50,11 @@ class DecoderRequest:
         return cls(embeddings, prompts.coords[None], prompts.labels[None], prompts.mask_inputs[None],
                    prompts.has_mask_input[None])
 
-    def check(self, max_prompts: int) -> "DecoderRequest":
+    def check(self, max_prompts: int, embeddings_from_arena: bool = False) -> "DecoderRequest":
         """Shapes, values and limits, each error naming the decoder input (a
-        request sent to the decoder directly may be anything)."""
+        request sent to the decoder directly may be anything).  Embeddings read
+        from the embedding arena came from the encoder, not a client: their
+        values are not scanned."""
         emb, coords, labels = self.embeddings, self.coords, self.labels
         b = emb.shape[0] if emb.ndim == 4 else -1
         if emb.shape[1:] != spec.EMBEDDING_SHAPE or emb.dtype != np.float32:
@@ -72,7 +74,7 @@ class DecoderRequest:
             raise InvalidInput(spec.PROMPT_LABELS_NAME, "a prompt has only filler tokens")
         if not np.isfinite(coords).all():
             raise InvalidInput(spec.PROMPT_COORDS_NAME, "has a NaN or infinite coordinate")
-        if not np.isfinite(emb).all():
+        if not embeddings_from_arena and not np.isfinite(emb).all():
             raise InvalidInput(spec.IMAGE_EMBEDDINGS_NAME, "has a NaN or infinite value")
         has, masks = self.has_mask_input, self.mask_inputs
         if has.shape != (b, n) or not np.isin(has, (0.0, 1.0)).all():

@@ -1,4 +1,4 @@
-"""Errors that belong to one request: INVALID_ARG (bad input) or UNAVAILABLE (shutting down)."""
+"""Errors that belong to one request: INVALID_ARG (bad input) or UNAVAILABLE (shutting down, or retry)."""
 
 
 class InvalidInput(ValueError):
@@ -13,3 +13,8 @@ class InvalidInput(ValueError):
 class ShuttingDown(RuntimeError):
     """The server is draining: a new request is refused (UNAVAILABLE) so that the
     ones in flight can finish before Triton stops."""
+
+
+class EmbeddingGone(RuntimeError):
+    """The image's embedding left shared memory (its slot reused, or its arena
+    removed) before the decoder read it: UNAVAILABLE, the client may retry."""

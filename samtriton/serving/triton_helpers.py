@@ -10,7 +10,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from samtriton import spec
-from samtriton.serving.errors import InvalidInput, ShuttingDown
+from samtriton.serving.errors import EmbeddingGone, InvalidInput, ShuttingDown
 from samtriton.serving.cpu_runtime import StepRuntime, make_session, resolve
 
 
@@ -61,7 +61,7 @@ def optional_array(request, name: str) -> np.ndarray | None:
 def error_response(exc: BaseException, model_name: str):
     if isinstance(exc, InvalidInput):
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
-    if isinstance(exc, ShuttingDown):
+    if isinstance(exc, (ShuttingDown, EmbeddingGone)):
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.UNAVAILABLE))
     pb_utils.Logger.log_error(f"{model_name}: {traceback.format_exc()}")
     return pb_utils.InferenceResponse(
