@@ -60,6 +60,20 @@ def sam_requests(images: int, seed: int = 0, max_boxes: int = 47) -> dict:
     return {"data": data}
 
 
+def decoder_requests() -> dict:
+    """One zero-filled request to a `<slug>_mask_decoder` alone: 5 prompts of 2 tokens (zero
+    labels: background clicks), no mask input (one zero placeholder), the embedding as a
+    tensor.  Listed explicitly because `--input-data zero` would also send the CPU target's
+    optional `embedding_handle`, and the decoder takes one or the other."""
+    shapes = {spec.IMAGE_EMBEDDINGS_NAME: list(spec.EMBEDDING_SHAPE), spec.PROMPT_COORDS_NAME: [5, 2, 2],
+              spec.PROMPT_LABELS_NAME: [5, 2], spec.MODEL_MASK_INPUTS_NAME: [1, 256, 256],
+              spec.HAS_MASK_INPUT_NAME: [5]}
+    # perf_analyzer reads an FP32 tensor's JSON content only as floats (0.0, not 0).
+    zero = {name: 0 if name == spec.PROMPT_LABELS_NAME else 0.0 for name in shapes}
+    return {"data": [{name: {"content": [zero[name]] * int(np.prod(shape)), "shape": shape}
+                      for name, shape in shapes.items()}]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="perf/results/pa_inputs.json")

@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from latency import machine  # noqa: E402
-from pa_inputs import sam_requests  # noqa: E402
+from pa_inputs import decoder_requests, sam_requests  # noqa: E402
 
 from samtriton import server, spec  # noqa: E402
 from samtriton.serving.request_parameters import ALL_OUTPUTS, OUTPUTS_PARAMETER  # noqa: E402
@@ -73,6 +73,9 @@ def sam_outputs(model: str, protocol: str) -> str:
     return SAM_OUTPUTS if protocol == "grpc" else "all (" + ",".join(ALL_OUTPUTS) + ")"
 
 
+DECODER_INPUTS = "pa_decoder_inputs.json"  # beside the ensemble's inputs_json
+
+
 def model_args(model: str, protocol: str, inputs_json: Path) -> list[str]:
     role = spec.role_of(model)
     if role == spec.ENSEMBLE:
@@ -81,10 +84,7 @@ def model_args(model: str, protocol: str, inputs_json: Path) -> list[str]:
     if role == spec.IMAGE_ENCODER:
         return ["--input-data", "zero", "-b", "1"]  # "random" FP32 bytes include NaN/inf
     if role == spec.MASK_DECODER:
-        # 5 prompts of 2 tokens (zero labels: background clicks), no mask input (one zero placeholder).
-        shapes = {spec.PROMPT_COORDS_NAME: "5,2,2", spec.PROMPT_LABELS_NAME: "5,2",
-                  spec.MODEL_MASK_INPUTS_NAME: "1,256,256", spec.HAS_MASK_INPUT_NAME: "5"}
-        return ["--input-data", "zero", "-b", "1", *(a for k, v in shapes.items() for a in ("--shape", f"{k}:{v}"))]
+        return ["--input-data", str(inputs_json.with_name(DECODER_INPUTS)), "-b", "1"]  # pa_inputs.decoder_requests
     raise ValueError(f"no perf_analyzer settings for model {model!r}")
 
 
@@ -228,6 +228,7 @@ def main(argv=None) -> int:
             workdir = Path(tmp)
             inputs_json = workdir / "pa_inputs.json"
             inputs_json.write_text(json.dumps(sam_requests(args.images, max_boxes=args.max_boxes)))
+            (workdir / DECODER_INPUTS).write_text(json.dumps(decoder_requests()))
             for model in args.models.split(","):
                 for protocol in args.protocols.split(","):
                     levels = [int(c) for c in args.concurrency.split(",") if c]
