@@ -277,3 +277,31 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     inter = (a & b).sum(axis=1)
     union = (a | b).sum(axis=1)
     return np.where(union == 0, 1.0, inter / np.maximum(union, 1))
+
+
+def infer(grpc_url: str, model: str, inputs: dict[str, np.ndarray], outputs: list[str],
+          parameters: dict | None = None, timeout_s: float = 120.0) -> dict[str, np.ndarray]:
+    """One tritonclient gRPC request to `model` with exactly `inputs`, on a client of its
+    own (closed before this returns); the `outputs` it asked for, by name."""
+    import tritonclient.grpc as g
+    from tritonclient.utils import np_to_triton_dtype
+
+    client = g.InferenceServerClient(grpc_url)
+    try:
+        tensors = []
+        for name, array in inputs.items():
+            tensors.append(g.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype)))
+            tensors[-1].set_data_from_numpy(array)
+        r = client.infer(model, tensors, outputs=[g.InferRequestedOutput(n) for n in outputs],
+                         parameters=parameters, client_timeout=timeout_s)
+        return {n: r.as_numpy(n) for n in outputs}
+    finally:
+        client.close()
+
+
+def decoder_prompt_inputs(request) -> dict[str, np.ndarray]:
+    """A `decoder_batch.DecoderRequest`'s prompt tensors, as the ensemble passes them to the decoder."""
+    from samtriton import spec
+
+    return {spec.PROMPT_COORDS_NAME: request.coords, spec.PROMPT_LABELS_NAME: request.labels,
+            spec.MODEL_MASK_INPUTS_NAME: request.mask_inputs, spec.HAS_MASK_INPUT_NAME: request.has_mask_input}

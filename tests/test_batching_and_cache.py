@@ -16,7 +16,7 @@ from samtriton.client.errors import from_triton
 from samtriton.sample_image import sample_scene
 from samtriton.serving.pipeline import InProcessPipeline
 from samtriton.variants import get_variant
-from tests.conftest import encode, mask_iou, random_boxes
+from tests.conftest import decoder_prompt_inputs, encode, infer, mask_iou, random_boxes
 
 pytestmark = pytest.mark.integration
 
@@ -164,22 +164,11 @@ def test_encode_rejects_bad_image(triton_server):
 
 def _decoder_request(server, request, multimask=False):
     """A DecoderRequest sent to the decoder model directly (its inputs as the ensemble passes them)."""
-    import tritonclient.grpc as g
-
-    client = g.InferenceServerClient(server.grpc_url)
-    try:
-        inputs = []
-        for name, array in ((spec.IMAGE_EMBEDDINGS_NAME, request.embeddings), (spec.PROMPT_COORDS_NAME, request.coords),
-                            (spec.PROMPT_LABELS_NAME, request.labels),
-                            (spec.MODEL_MASK_INPUTS_NAME, request.mask_inputs),
-                            (spec.HAS_MASK_INPUT_NAME, request.has_mask_input)):
-            tensor = g.InferInput(name, list(array.shape), "INT32" if array.dtype == np.int32 else "FP32")
-            tensor.set_data_from_numpy(array)
-            inputs.append(tensor)
-        r = client.infer(DECODER, inputs, parameters={"multimask_output": multimask})
-        return r.as_numpy(spec.LOW_RES_MASKS_NAME), r.as_numpy(spec.IOU_PREDICTIONS_NAME)
-    finally:
-        client.close()
+    outputs = [spec.LOW_RES_MASKS_NAME, spec.IOU_PREDICTIONS_NAME]
+    r = infer(server.grpc_url, DECODER, {spec.IMAGE_EMBEDDINGS_NAME: request.embeddings,
+                                         **decoder_prompt_inputs(request)},
+              outputs, parameters={"multimask_output": multimask}, timeout_s=300)
+    return r[spec.LOW_RES_MASKS_NAME], r[spec.IOU_PREDICTIONS_NAME]
 
 
 def test_decoder_ragged_batch_with_a_bad_request_inside(triton_server, pipeline):
@@ -349,27 +338,6 @@ def test_a_cached_image_does_not_wait_behind_a_new_one(triton_server):
     assert _delta(triton_server.embedding_cache_events(vit_b), events0)["hit"] == 1
 
 
-def _infer(server, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
-    import tritonclient.grpc as g
-    from tritonclient.utils import np_to_triton_dtype
-
-    client = g.InferenceServerClient(server.grpc_url)
-    try:
-        tensors = []
-        for name, array in inputs.items():
-            tensors.append(g.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype)))
-            tensors[-1].set_data_from_numpy(array)
-        r = client.infer(model, tensors, outputs=[g.InferRequestedOutput(n) for n in outputs])
-        return {n: r.as_numpy(n) for n in outputs}
-    finally:
-        client.close()
-
-
-def _prompt_inputs(request) -> dict[str, np.ndarray]:
-    return {spec.PROMPT_COORDS_NAME: request.coords, spec.PROMPT_LABELS_NAME: request.labels,
-            spec.MODEL_MASK_INPUTS_NAME: request.mask_inputs, spec.HAS_MASK_INPUT_NAME: request.has_mask_input}
-
-
 def test_sam_hands_the_decoder_a_handle_it_reads_in_place(triton_server):
     """image_embedding answers `embedding_handle` (what `sam` asks for) with a slot of its
     arena in /dev/shm, named after the server, and `image_embeddings` with the same
@@ -379,24 +347,23 @@ def test_sam_hands_the_decoder_a_handle_it_reads_in_place(triton_server):
 
     from samtriton.serving import decoder_batch, embedding_arena
 
+    url = triton_server.grpc_url
     arenas = glob.glob(f"{embedding_arena.DIRECTORY}/{embedding_arena.PREFIX}-{triton_server.proc.pid}-*")
     assert arenas, "no embedding arena of this server in /dev/shm"
     image = encode(sample_scene(400, 300, seed=4100)[0], "PNG")
-    encoded = _infer(triton_server, spec.ENCODE_ENSEMBLE, {spec.IMAGE.name: np.array([image], dtype=object)},
-                     [spec.IMAGE_GEOMETRY.name, spec.IMAGE_EMBEDDINGS_NAME])
+    encoded = infer(url, spec.ENCODE_ENSEMBLE, {spec.IMAGE.name: np.array([image], dtype=object)},
+                    [spec.IMAGE_GEOMETRY.name, spec.IMAGE_EMBEDDINGS_NAME])
     step_inputs = {spec.IMAGE.name: np.array([image], dtype=object),
                    spec.IMAGE_GEOMETRY.name: encoded[spec.IMAGE_GEOMETRY.name]}
-    handle = _infer(triton_server, EMBEDDING, step_inputs, [spec.EMBEDDING_HANDLE.name])[spec.EMBEDDING_HANDLE.name]
-    tensor = _infer(triton_server, EMBEDDING, step_inputs, [spec.IMAGE_EMBEDDINGS_NAME])[spec.IMAGE_EMBEDDINGS_NAME]
+    handle = infer(url, EMBEDDING, step_inputs, [spec.EMBEDDING_HANDLE.name])[spec.EMBEDDING_HANDLE.name]
+    tensor = infer(url, EMBEDDING, step_inputs, [spec.IMAGE_EMBEDDINGS_NAME])[spec.IMAGE_EMBEDDINGS_NAME]
     assert handle.shape == (1, 3) and handle.dtype == np.int64
     np.testing.assert_array_equal(tensor, encoded[spec.IMAGE_EMBEDDINGS_NAME])
 
     request = decoder_batch.sample_requests(np.random.default_rng(7), images=np.repeat(tensor, 2, axis=0))[0]
-    outputs = [spec.LOW_RES_MASKS_NAME, spec.IOU_PREDICTIONS_NAME]
-    by_tensor = _infer(triton_server, DECODER, {spec.IMAGE_EMBEDDINGS_NAME: tensor, **_prompt_inputs(request)},
-                       outputs)
-    by_handle = _infer(triton_server, DECODER, {spec.EMBEDDING_HANDLE.name: handle, **_prompt_inputs(request)},
-                       outputs)
+    outputs, prompts = [spec.LOW_RES_MASKS_NAME, spec.IOU_PREDICTIONS_NAME], decoder_prompt_inputs(request)
+    by_tensor = infer(url, DECODER, {spec.IMAGE_EMBEDDINGS_NAME: tensor, **prompts}, outputs)
+    by_handle = infer(url, DECODER, {spec.EMBEDDING_HANDLE.name: handle, **prompts}, outputs)
     for name in outputs:
         np.testing.assert_allclose(by_handle[name], by_tensor[name], rtol=0, atol=1e-5)
 
@@ -413,7 +380,7 @@ def test_sam_hands_the_decoder_a_handle_it_reads_in_place(triton_server):
         ({}, "INVALID_ARGUMENT", spec.IMAGE_EMBEDDINGS_NAME, "missing"),
     ):
         with pytest.raises(Exception) as info:
-            _infer(triton_server, DECODER, {**inputs, **_prompt_inputs(request)}, outputs)
+            infer(url, DECODER, {**inputs, **prompts}, outputs)
         assert info.value.status() == f"StatusCode.{code}", info.value
         assert problem in info.value.message()
         if field:

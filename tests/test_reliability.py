@@ -33,7 +33,7 @@ from samtriton.client import (
 from samtriton.sample_image import sample_scene
 from samtriton.serving import embedding_arena
 from samtriton.variants import get_variant
-from tests.conftest import SAMTRITON, encode, random_boxes
+from tests.conftest import SAMTRITON, decoder_prompt_inputs, encode, infer, random_boxes
 
 pytestmark = pytest.mark.integration
 
@@ -116,22 +116,6 @@ def test_burst_beyond_the_queue_is_refused_fast(small_queue_server):
         assert len(client.segment(*_new_image(7)).scores) == 2
 
 
-def _infer(grpc_port: int, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
-    import tritonclient.grpc as g
-    from tritonclient.utils import np_to_triton_dtype
-
-    client = g.InferenceServerClient(f"127.0.0.1:{grpc_port}")
-    try:
-        tensors = []
-        for name, array in inputs.items():
-            tensors.append(g.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype)))
-            tensors[-1].set_data_from_numpy(array)
-        r = client.infer(model, tensors, outputs=[g.InferRequestedOutput(n) for n in outputs], client_timeout=120)
-        return {n: r.as_numpy(n) for n in outputs}
-    finally:
-        client.close()
-
-
 def test_a_handle_outlived_by_its_slot_fails_unavailable_never_with_another_image(small_queue_server):
     """No embedding cache: each new image's slot is released at once, and reused once
     every handle out for it has been read.  With all of them out, image_embedding reuses
@@ -140,24 +124,24 @@ def test_a_handle_outlived_by_its_slot_fails_unavailable_never_with_another_imag
     from samtriton.serving.decoder_batch import sample_requests
 
     (_, grpc, _), _ = small_queue_server
+    url = f"127.0.0.1:{grpc}"
     slots = ServingOptions().embedding_handoff_spare_slots  # the arena's slots, with no cache
     image = {seed: np.array([_new_image(seed)[0]], dtype=object) for seed in range(3000, 3000 + slots + 4)}
     # Every test image has the same size, so one geometry serves them all.
-    geometry = _infer(grpc, spec.ENCODE_ENSEMBLE, {spec.IMAGE.name: image[3000]}, [spec.IMAGE_GEOMETRY.name,
-                      spec.IMAGE_EMBEDDINGS_NAME])[spec.IMAGE_GEOMETRY.name]
+    geometry = infer(url, spec.ENCODE_ENSEMBLE, {spec.IMAGE.name: image[3000]},
+                     [spec.IMAGE_GEOMETRY.name, spec.IMAGE_EMBEDDINGS_NAME])[spec.IMAGE_GEOMETRY.name]
 
     def embed(seed, output):  # a miss: one slot written
         inputs = {spec.IMAGE.name: image[seed], spec.IMAGE_GEOMETRY.name: geometry}
-        return _infer(grpc, NAMES.image_embedding, inputs, [output])[output]
+        return infer(url, NAMES.image_embedding, inputs, [output])[output]
 
     tensor = embed(3000, spec.IMAGE_EMBEDDINGS_NAME)
     request = sample_requests(np.random.default_rng(3), images=np.repeat(tensor, 2, axis=0))[0]
-    prompts = {spec.PROMPT_COORDS_NAME: request.coords, spec.PROMPT_LABELS_NAME: request.labels,
-               spec.MODEL_MASK_INPUTS_NAME: request.mask_inputs, spec.HAS_MASK_INPUT_NAME: request.has_mask_input}
+    prompts = decoder_prompt_inputs(request)
 
     def decode(inputs):
-        return _infer(grpc, NAMES.mask_decoder, {**inputs, **prompts},
-                      [spec.IOU_PREDICTIONS_NAME])[spec.IOU_PREDICTIONS_NAME]
+        return infer(url, NAMES.mask_decoder, {**inputs, **prompts},
+                     [spec.IOU_PREDICTIONS_NAME])[spec.IOU_PREDICTIONS_NAME]
 
     expected = decode({spec.IMAGE_EMBEDDINGS_NAME: tensor})
     handles = [embed(seed, spec.EMBEDDING_HANDLE.name) for seed in range(3000, 3000 + slots)]  # every slot out

@@ -41,7 +41,8 @@ class ServingOptions:
     embedding_cache_mb: int = 256
     # CPU target: `image_embedding` keeps its embeddings in a /dev/shm arena and
     # the `sam` ensemble hands the decoder a slot's handle instead of the 4 MiB
-    # tensor (samtriton.serving.embedding_arena; about 2 ms off a cache hit).
+    # tensor (samtriton.serving.embedding_arena; a cache hit 1.27x the decoder's
+    # time against 1.44x with the tensor, medians of paired runs, perf/README).
     # The arena holds the cache plus this many slots for embeddings on their way
     # to the decoder (a released slot is reused once its handles have been read).
     embedding_handoff: bool = True

@@ -1,9 +1,8 @@
 """Image embeddings handed from `image_embedding` to the mask decoder through shared memory.
 
-A 4 MiB embedding sent as a tensor crosses three copies between two python
-stubs (the response's shared memory, Triton's tensor, the decoder's request),
-about 2 ms of a cache hit's 6-9 ms beyond the decoder's compute (perf/README,
-twelfth stop).  Instead `image_embedding` keeps its embeddings in the slots of
+A 4 MiB embedding sent as a tensor goes from one python stub's shared memory
+through Triton into the next stub's: about 2 ms of a cache hit's 6-9 ms beyond
+the decoder's compute in the twelfth stop's trace (perf/README).  Instead `image_embedding` keeps its embeddings in the slots of
 one file in /dev/shm, the arena, and answers the `sam` ensemble with a handle
 (the arena's epoch, the slot, the slot's sequence number); the decoder maps
 the same file and reads the slot in place.
@@ -107,20 +106,18 @@ class Stored:
     nbytes: int = EMBEDDING_BYTES
 
 
-def _map(path: str, writable: bool):
-    fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+def _map_readonly(path: str) -> mmap.mmap:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        size = os.fstat(fd).st_size
-        buffer = mmap.mmap(fd, size, prot=mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0))
+        return mmap.mmap(fd, os.fstat(fd).st_size, prot=mmap.PROT_READ)
     finally:
         os.close(fd)
-    return buffer
 
 
 class _Layout:
     def __init__(self, buffer: mmap.mmap, slots: int):
         header = _header_bytes(slots)
-        self.buffer = buffer
+        # The arrays keep `buffer` mapped for as long as any of them lives.
         self.words = np.frombuffer(buffer, np.int64, _HEADER_WORDS + slots)
         self.seq = self.words[_HEADER_WORDS:]
         data = np.frombuffer(buffer, np.uint8, slots * _SLOT_BYTES, offset=header).reshape(slots, _SLOT_BYTES)
@@ -168,7 +165,7 @@ class EmbeddingArena:
         for path in glob.glob(f"{glob.escape(self.path)}{_READS}*"):
             if path not in self._reads:
                 try:
-                    self._reads[path] = np.frombuffer(_map(path, writable=False), np.int64, self.slots)
+                    self._reads[path] = np.frombuffer(_map_readonly(path), np.int64, self.slots)
                 except (OSError, ValueError):  # being created: counted next time
                     continue
         total = np.zeros(self.slots, np.int64)
@@ -301,7 +298,7 @@ class ArenaReader:
         paths = glob.glob(os.path.join(self.directory, f"{PREFIX}-*-*-{epoch:016x}"))
         if not paths:
             raise EmbeddingGone("the embedding's arena is gone (image_embedding was reloaded); retry")
-        buffer = _map(paths[0], writable=False)
+        buffer = _map_readonly(paths[0])
         words = np.frombuffer(buffer, np.int64, _HEADER_WORDS)
         if int(words[0]) != _MAGIC or int(words[1]) != epoch or int(words[3]) != _SLOT_BYTES:
             raise InvalidInput(spec.EMBEDDING_HANDLE.name, f"{paths[0]} is not an embedding arena of this version")
