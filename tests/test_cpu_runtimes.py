@@ -62,6 +62,37 @@ def test_bf16_only_on_cpus_with_native_bf16():
     assert cpu_runtime.resolve(StepRuntime("openvino", "fp32"), spec.MASK_DECODER, CPUINFO_WITHOUT_BF16)[1] is None
 
 
+def test_sam_vit_falls_back_to_onnxruntime_for_its_encoder():
+    # ONNX Runtime fp32 ran SAM ViT's encoder faster than OpenVINO fp32 in every run, in less memory.
+    bf16 = StepRuntime("openvino", "bf16")
+    for model, encoder in (("sam-vit-b", "onnxruntime"), ("mobilesam", "openvino"),
+                           ("efficientvit-sam-l0", "openvino")):
+        family = get_variant(model).family
+        assert cpu_runtime.resolve(bf16, spec.IMAGE_ENCODER, CPUINFO_WITHOUT_BF16, family)[0] == StepRuntime(encoder)
+        assert cpu_runtime.resolve(bf16, spec.MASK_DECODER, CPUINFO_WITHOUT_BF16, family)[0] == StepRuntime()
+        assert cpu_runtime.resolve(bf16, spec.IMAGE_ENCODER, CPUINFO_WITH_AMX, family)[0] == bf16
+        # What a served step resolves from its config: the variant is its `samtriton_model` parameter.
+        params = {**bf16.to_parameters(), "samtriton_model": model}
+        resolved, _ = cpu_runtime.resolve_configured(params, spec.IMAGE_ENCODER, CPUINFO_WITHOUT_BF16)
+        assert resolved == StepRuntime(encoder)
+    # A repository from before the parameter: the per-role fallback.
+    assert cpu_runtime.resolve_configured(bf16.to_parameters(), spec.IMAGE_ENCODER,
+                                          CPUINFO_WITHOUT_BF16)[0] == StepRuntime("openvino")
+
+
+def test_the_build_resolves_each_step_for_its_variant(tmp_path):
+    from samtriton.build.cpu_steps import choose_steps
+
+    bf16 = StepRuntime("openvino", "bf16")
+    # Both fallbacks are the fp32 ONNX Runtime reference, so no gate runs and no file is opened.
+    steps = choose_steps(get_variant("sam-vit-b"), tmp_path / "missing.onnx", tmp_path / "missing.onnx", bf16, bf16,
+                         log=lambda _: None, cpuinfo=CPUINFO_WITHOUT_BF16)
+    assert steps.encoder.runtime == StepRuntime()
+    assert "onnxruntime fp32 instead of openvino bf16" in steps.encoder.fallback
+    assert steps.decoder.runtime == StepRuntime() and steps.encoder.gate is None and steps.decoder.gate is None
+    assert steps.encoder.to_parameters()["gate"].startswith("reference")
+
+
 def test_build_flags_are_checked(tmp_path):
     for flags, message in (
         (["--encoder-runtime", "onnxruntime", "--encoder-precision", "bf16"], "bf16 needs the openvino runtime"),
@@ -87,7 +118,7 @@ def test_default_build_gates_each_step_and_records_the_figures(default_runtime_r
         names = spec.model_names(get_variant(model).slug)
         for role in (spec.IMAGE_ENCODER, spec.MASK_DECODER):
             step = names.of(role)
-            expected, _ = cpu_runtime.resolve(StepRuntime("openvino", "bf16"), role)
+            expected, _ = cpu_runtime.resolve(StepRuntime("openvino", "bf16"), role, family=get_variant(model).family)
             params = _params(repo, step)
             assert (params["runtime"], params["precision"]) == (expected.runtime, expected.precision)
             if expected.is_reference:  # a decoder's fallback on a CPU without bf16

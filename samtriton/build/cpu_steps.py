@@ -23,7 +23,7 @@ from samtriton.variants import ModelVariant
 # The default of each step, chosen by perf/cpu_runtimes.py (perf/README.md):
 # OpenVINO bf16 was the fastest for both steps of MobileSAM, EfficientViT-SAM-L0
 # and SAM ViT-B, and within the gate; on a CPU without native bf16 each step
-# falls back to its fastest fp32 runtime (cpu_runtime.FP32_FALLBACK).
+# falls back to its fastest fp32 runtime (cpu_runtime.fp32_fallback).
 DEFAULT_ENCODER = StepRuntime(OPENVINO, BF16)
 DEFAULT_DECODER = StepRuntime(OPENVINO, BF16)
 
@@ -83,7 +83,7 @@ def choose_steps(variant: ModelVariant, encoder_onnx: Path, decoder_onnx: Path, 
     choices = {}
     for role, onnx_path, requested in ((spec.IMAGE_ENCODER, encoder_onnx, encoder),
                                        (spec.MASK_DECODER, decoder_onnx, decoder)):
-        runtime, why = resolve(requested, role, cpuinfo)
+        runtime, why = resolve(requested, role, cpuinfo, variant.family)
         if why:
             log(f"[{variant.name}] {role}: {why}")
         report = None

@@ -79,21 +79,41 @@ def native_bf16_flags(cpuinfo: str | None = None) -> list[str]:
 
 # Where bf16 is not native, each step falls back to the fp32 runtime that was
 # fastest for it (perf/cpu_runtimes.py, perf/README.md): OpenVINO for the
-# encoder (1.2x to 2.2x ONNX Runtime's speed for MobileSAM and
-# EfficientViT-SAM-L0, 0.9x for ViT-B), ONNX Runtime for the decoder
-# (OpenVINO fp32 ran it at 0.64-0.85x, and at 0.77-1.14x since the channels-last decoder graph:
-# not enough to switch).  fp32 in either is the reference's masks.
+# encoder (1.1x to 2.2x ONNX Runtime's speed for MobileSAM and
+# EfficientViT-SAM-L0), ONNX Runtime for the decoder (OpenVINO fp32 ran it at
+# 0.64-0.85x, and at 0.77-1.14x since the channels-last decoder graph: not
+# enough to switch).  SAM ViT's encoder is the exception: OpenVINO fp32 ran it
+# at 0.84-0.97x in every run, on all three hosts, and held 2.35 GB resident
+# against ONNX Runtime's 1.52 GB (one image, the AMD EPYC without bf16), so
+# it falls back to ONNX Runtime.  fp32 in either is the reference's masks.
 FP32_FALLBACK = {"image_encoder": StepRuntime(OPENVINO, FP32), "mask_decoder": StepRuntime(ONNXRUNTIME, FP32)}
+# Per variant family (`samtriton.variants`), where it differs from FP32_FALLBACK.
+FP32_FALLBACK_BY_FAMILY = {"sam": {"image_encoder": StepRuntime(ONNXRUNTIME, FP32)}}
 
 
-def resolve(choice: StepRuntime, role: str, cpuinfo: str | None = None) -> tuple[StepRuntime, str | None]:
-    """`choice` for step `role` ("image_encoder", "mask_decoder"), or its fp32
-    fallback on a CPU without native bf16, with the reason."""
+def fp32_fallback(role: str, family: str | None = None) -> StepRuntime:
+    """The fp32 runtime step `role` of a variant of `family` takes on a CPU without native bf16."""
+    return FP32_FALLBACK_BY_FAMILY.get(family, {}).get(role, FP32_FALLBACK[role])
+
+
+def resolve(choice: StepRuntime, role: str, cpuinfo: str | None = None,
+            family: str | None = None) -> tuple[StepRuntime, str | None]:
+    """`choice` for step `role` ("image_encoder", "mask_decoder") of a variant of
+    `family`, or its fp32 fallback on a CPU without native bf16, with the reason."""
     if choice.precision == BF16 and not native_bf16_flags(cpuinfo):
-        fallback = FP32_FALLBACK[role]
+        fallback = fp32_fallback(role, family)
         return fallback, (f"this CPU has no native bf16 ({' or '.join(BF16_CPU_FLAGS)} not in /proc/cpuinfo): "
                           f"{fallback.label} instead of {choice.label}")
     return choice, None
+
+
+def resolve_configured(params: dict[str, str], role: str, cpuinfo: str | None = None) -> tuple[StepRuntime, str | None]:
+    """What a built step model runs with on this CPU: the runtime and precision its
+    config parameters name, resolved for its variant (parameter `samtriton_model`)."""
+    from samtriton.variants import get_variant
+
+    model = params.get("samtriton_model")
+    return resolve(StepRuntime.from_parameters(params), role, cpuinfo, get_variant(model).family if model else None)
 
 
 class OpenVinoSession:

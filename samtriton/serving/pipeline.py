@@ -15,7 +15,7 @@ import numpy as np
 
 from samtriton import spec
 from samtriton.serving import decoder_batch
-from samtriton.serving.cpu_runtime import StepRuntime, make_session, resolve
+from samtriton.serving.cpu_runtime import StepRuntime, make_session, resolve_configured
 from samtriton.serving.onnx_runtime import decode, encode
 from samtriton.serving.postprocessing import masks_from_logits
 from samtriton.serving.preprocessing import PreprocessSettings, Preprocessed, preprocess
@@ -40,7 +40,7 @@ def repository_names(repo: Path, model: str | None = None) -> spec.ModelNames:
 
 def step_runtime(repo: Path, model: str) -> StepRuntime:
     """The runtime and precision a step model of `repo` runs with on this CPU, as its python model resolves it."""
-    return resolve(StepRuntime.from_parameters(repository_parameters(repo, model)), spec.role_of(model))[0]
+    return resolve_configured(repository_parameters(repo, model), spec.role_of(model))[0]
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import triton_python_backend_utils as pb_utils
 
 from samtriton import spec
 from samtriton.serving.errors import EmbeddingGone, InvalidInput, ShuttingDown
-from samtriton.serving.cpu_runtime import StepRuntime, make_session, resolve
+from samtriton.serving.cpu_runtime import make_session, resolve_configured
 
 
 def model_parameters(args: dict) -> dict[str, str]:
@@ -25,7 +25,7 @@ def step_session(args: dict):
     path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
     params = model_parameters(args)
     # A repository built on a bf16 CPU and served on one without: fp32, said in the log.
-    step, why = resolve(StepRuntime.from_parameters(params), spec.role_of(args["model_name"]))
+    step, why = resolve_configured(params, spec.role_of(args["model_name"]))
     if why:
         pb_utils.Logger.log_warn(f"{args['model_name']}: {why}")
     return make_session(path, step, threads=int(params.get("intra_op_threads", "0")))
