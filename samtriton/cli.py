@@ -65,7 +65,7 @@ def _repository_models(repo: Path) -> int:
         print(f"samtriton models: {repo} is not a samtriton model repository (no {spec.POSTPROCESS}/config.pbtxt)",
               file=sys.stderr)
         return 1
-    default = configs[spec.ENSEMBLE].parameters["samtriton_model"].string_value
+    default = configs[spec.ENSEMBLE].parameters[spec.VARIANT_PARAMETER].string_value
     for name in configs[spec.POSTPROCESS].parameters["samtriton_models"].string_value.split(","):
         names = spec.model_names(get_variant(name).slug)
         params = {k: v.string_value for k, v in configs[names.image_encoder].parameters.items()}
@@ -246,7 +246,7 @@ def _check_repository(repo: Path, command: str) -> bool:
     for config in repo.glob("*/config.pbtxt"):
         params = parse_pbtxt(config.read_text()).parameters
         if params["random_weights"].string_value == "true":
-            random_models.add(params["samtriton_model"].string_value)
+            random_models.add(params[spec.VARIANT_PARAMETER].string_value)
     if random_models:
         print(RANDOM_WEIGHTS_BANNER.format(models=", ".join(sorted(random_models))), file=sys.stderr)
     return True

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 # (`model_names`); the postprocess has no weights and is shared.  The
 # ensembles named `sam` and `sam_encode` are aliases of the default variant's.
 ENSEMBLE = "sam"
+# The config parameter naming the variant (`samtriton.variants`) a model belongs to.
+VARIANT_PARAMETER = "samtriton_model"
 ENCODE_ENSEMBLE = "sam_encode"  # preprocess + encoder only: returns the embedding
 PREPROCESS = "preprocess"
 # The image's embedding from the embedding cache, or from the encoder on a miss

@@ -152,7 +152,7 @@ def _add_tensors(container, tensors, inputs: bool = False):
 def _base(name: str, variant: ModelVariant | None, weights: WeightsInfo | None) -> mc.ModelConfig:
     cfg = mc.ModelConfig(name=name)
     if variant is not None:
-        cfg.parameters["samtriton_model"].string_value = variant.name
+        cfg.parameters[spec.VARIANT_PARAMETER].string_value = variant.name
         cfg.parameters["weights"].string_value = weights.description
         cfg.parameters["random_weights"].string_value = "true" if weights.random else "false"
     return cfg

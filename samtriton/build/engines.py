@@ -223,7 +223,7 @@ def build_repository_engines(repo: Path, cache_dir: Path, fp16: bool = True, log
             decoder_name = _sibling(name, spec.MASK_DECODER)
             tokens = int(configs[decoder_name].parameters["prompt_tokens"].string_value)
             decoder = repo / decoder_name / "1" / "model.onnx"
-            variant = get_variant(cfg.parameters["samtriton_model"].string_value)
+            variant = get_variant(cfg.parameters[spec.VARIANT_PARAMETER].string_value)
             pixels = gate.sample_pixels(encoder_size, variant.pixel_mean, variant.pixel_std)
             report = accuracy_gate(spec.role_of(name), plan, onnx_path, decoder, pixels, tokens)
             log(f"  {report.line()}")

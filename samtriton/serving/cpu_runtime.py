@@ -109,10 +109,11 @@ def resolve(choice: StepRuntime, role: str, cpuinfo: str | None = None,
 
 def resolve_configured(params: dict[str, str], role: str, cpuinfo: str | None = None) -> tuple[StepRuntime, str | None]:
     """What a built step model runs with on this CPU: the runtime and precision its
-    config parameters name, resolved for its variant (parameter `samtriton_model`)."""
+    config parameters name, resolved for its variant (`spec.VARIANT_PARAMETER`)."""
+    from samtriton import spec
     from samtriton.variants import get_variant
 
-    model = params.get("samtriton_model")
+    model = params.get(spec.VARIANT_PARAMETER)
     return resolve(StepRuntime.from_parameters(params), role, cpuinfo, get_variant(model).family if model else None)
 
 

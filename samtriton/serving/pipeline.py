@@ -34,7 +34,7 @@ def repository_parameters(repo: Path, model: str) -> dict[str, str]:
 def repository_names(repo: Path, model: str | None = None) -> spec.ModelNames:
     """The step model names of variant `model` in a built repository (None: its default)."""
     if model is None:
-        model = repository_parameters(repo, spec.ENSEMBLE)["samtriton_model"]
+        model = repository_parameters(repo, spec.ENSEMBLE)[spec.VARIANT_PARAMETER]
     return spec.model_names(get_variant(model).slug)
 
 
