@@ -73,6 +73,18 @@ def tensor(name: str, array: np.ndarray):
     return pb_utils.Tensor(name, array)
 
 
+def respond_each(requests, one, error):
+    """One response per request, in order: `one(request)`'s output tensors, or
+    `error(exc)` for a request whose `one` raised; its batch-mates go on."""
+    responses = []
+    for request in requests:
+        try:
+            responses.append(pb_utils.InferenceResponse(output_tensors=one(request)))
+        except Exception as e:  # one response per request, whatever happens
+            responses.append(error(e))
+    return responses
+
+
 class ErrorResponses:
     """Builds a request's error response and counts it in REQUEST_ERRORS_METRIC
     (Triton 2.51 records a python model's per-request errors as successes)."""

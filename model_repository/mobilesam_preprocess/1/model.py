@@ -15,14 +15,14 @@ which tells them apart.
 import os
 
 import numpy as np
-import triton_python_backend_utils as pb_utils
 
 from samtriton import spec
 from samtriton.serving.errors import InvalidInput, ShuttingDown
 from samtriton.serving.preprocessing import PreprocessSettings, prepare_prompts
 from samtriton.serving.prompts import PromptInputs
 from samtriton.serving.request_parameters import multimask_output, requested_outputs
-from samtriton.serving.triton_helpers import ErrorResponses, input_array, model_parameters, optional_array, tensor
+from samtriton.serving.triton_helpers import (
+    ErrorResponses, input_array, model_parameters, optional_array, respond_each, tensor)
 
 
 class TritonPythonModel:
@@ -55,10 +55,4 @@ class TritonPythonModel:
         return outputs
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
-            try:
-                responses.append(pb_utils.InferenceResponse(output_tensors=self._one(request)))
-            except Exception as e:  # one response per request, whatever happens
-                responses.append(self.error(e))
-        return responses
+        return respond_each(requests, self._one, self.error)

@@ -10,14 +10,13 @@ each prompt.  It has no weights and every variant's logits live in the same
 """
 
 import numpy as np
-import triton_python_backend_utils as pb_utils
 
 from samtriton import spec
 from samtriton.serving.allocator import keep_freed_heap
 from samtriton.serving.postprocessing import candidates, encode_rle, masks_from_logits, pack_masks, warm_up
 from samtriton.serving.prompts import Geometry
 from samtriton.serving.request_parameters import multimask_output, requested_outputs
-from samtriton.serving.triton_helpers import ErrorResponses, input_array, tensor
+from samtriton.serving.triton_helpers import ErrorResponses, input_array, respond_each, tensor
 
 
 class TritonPythonModel:
@@ -60,10 +59,4 @@ class TritonPythonModel:
         return outputs
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
-            try:
-                responses.append(pb_utils.InferenceResponse(output_tensors=self._one(request)))
-            except Exception as e:
-                responses.append(self.error(e))
-        return responses
+        return respond_each(requests, self._one, self.error)
