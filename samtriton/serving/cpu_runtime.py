@@ -19,6 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from samtriton import spec
+from samtriton.variants import get_variant
+
 ONNXRUNTIME = "onnxruntime"
 OPENVINO = "openvino"
 RUNTIMES = (ONNXRUNTIME, OPENVINO)
@@ -110,9 +113,6 @@ def resolve(choice: StepRuntime, role: str, cpuinfo: str | None = None,
 def resolve_configured(params: dict[str, str], role: str, cpuinfo: str | None = None) -> tuple[StepRuntime, str | None]:
     """What a built step model runs with on this CPU: the runtime and precision its
     config parameters name, resolved for its variant (`spec.VARIANT_PARAMETER`)."""
-    from samtriton import spec
-    from samtriton.variants import get_variant
-
     model = params.get(spec.VARIANT_PARAMETER)
     return resolve(StepRuntime.from_parameters(params), role, cpuinfo, get_variant(model).family if model else None)
 
