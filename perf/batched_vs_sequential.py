@@ -3,7 +3,8 @@
     .venv/bin/python perf/batched_vs_sequential.py --model-repository var/model_repository
 
 The EfficientViT-SAM seed's experiment (400 ms -> 10 ms on an A100), measured
-(a) in-process: the exported ONNX decoder in ONNX Runtime, and the upstream
+(a) in-process: the exported ONNX decoder in the runtime and precision the
+repository serves it with (ONNX Runtime or OpenVINO), and the upstream
 PyTorch prompt encoder + mask decoder for reference; (b) through the served
 `sam` ensemble: 47 requests of 1 box one after another, the same 47 requests
 all in flight at once (Triton batches them in the decoder), and 1 request of
@@ -32,7 +33,7 @@ from latency import RESULTS, machine, median_ms  # noqa: E402
 from samtriton import server  # noqa: E402
 from samtriton.client import AsyncSamClient, SamClient  # noqa: E402
 from samtriton.sample_image import sample_scene  # noqa: E402
-from samtriton.serving.pipeline import InProcessPipeline  # noqa: E402
+from samtriton.serving.pipeline import InProcessPipeline, step_runtime  # noqa: E402
 from samtriton.serving.prompts import PromptInputs, build_prompts  # noqa: E402
 
 N_BOXES = 47
@@ -91,8 +92,12 @@ def main(argv=None) -> int:
     one_each = [build_prompts(PromptInputs(boxes=boxes[i : i + 1]), pre.geometry) for i in range(N_BOXES)]
     encode_ms = median_ms(lambda: pipe.encode(pre), args.repeats)
     embedding = pipe.encode(pre)
+    # The decoder runs in-process as the repository serves it (OpenVINO bf16 by default on CPUs with native bf16).
+    label = f"in-process {step_runtime(repo, pipe.names.mask_decoder).label}"
+    if hasattr(pipe.decoder, "get_providers"):  # ONNX Runtime: its execution providers (CUDA on a GPU host)
+        label += " (" + ",".join(p.replace("ExecutionProvider", "") for p in pipe.decoder.get_providers()) + ")"
     rows = [(
-        "in-process ONNX Runtime (" + ",".join(p.replace("ExecutionProvider", "") for p in pipe.decoder.get_providers()) + ")",
+        label,
         median_ms(lambda: [pipe.decode(embedding, prompts) for prompts in one_each], args.repeats),
         median_ms(lambda: pipe.decode(embedding, pre.prompts), args.repeats),
     )]

@@ -127,6 +127,7 @@ def serving_options(args):
         everything_instances=args.everything_instances,
         everything_decoder_prompts=args.everything_decoder_prompts,
         everything_decoder_window=args.everything_decoder_window,
+        everything_max_queue_size=args.everything_max_queue_size,
         embedding_cache_mb=args.embedding_cache_mb,
         encoder_response_cache=args.encoder_response_cache or None,
         cpu_warmup=False if args.no_cpu_warmup else None,
@@ -606,6 +607,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--everything-decoder-window", type=int,
                    help="decoder requests sam_everything keeps in flight (2 overlaps its filtering with the "
                         f"decoder, 1 keeps the decoder's queue short); default {defaults.everything_decoder_window}")
+    p.add_argument("--everything-max-queue-size", type=int,
+                   help="sam_everything requests waiting beyond those being served are refused at once with "
+                        f"UNAVAILABLE (0: unbounded); default {defaults.everything_max_queue_size} (cpu), "
+                        f"{gpu.everything_max_queue_size} (gpu)")
     p.add_argument("--embedding-cache-mb", type=int,
                    help="the embedding cache of each variant, in MiB (an embedding is 4 MiB; 0: off); default "
                         f"{defaults.embedding_cache_mb}")

@@ -267,6 +267,22 @@ def test_everything_models_drive_their_own_variant():
     assert params["pad_prompt_tokens"].string_value == str(spec.gpu_prompt_tokens(32))
 
 
+def test_everything_refuses_requests_beyond_its_queue_bound():
+    """sam_everything carries a Triton queue policy bounding its waiting requests (4 on the
+    CPU, 16 on the GPU, settable), one request a batch; 0 leaves it unbounded, without a batcher."""
+    def everything(**options):
+        return model_configs([VARIANT], {VARIANT.name: TEMPLATE_WEIGHTS},
+                             ServingOptions.for_target(options.pop("target", "cpu"), **options))[spec.EVERYTHING]
+
+    for cfg, bound in ((everything(), 4), (everything(target="gpu"), 16), (everything(everything_max_queue_size=1), 1)):
+        assert cfg.max_batch_size == 0 and cfg.HasField("dynamic_batching")
+        policy = cfg.dynamic_batching.default_queue_policy
+        assert policy.max_queue_size == bound
+        # Refused, not delayed: no timeout that would drop a request already waiting.
+        assert policy.default_timeout_microseconds == 0
+    assert not everything(everything_max_queue_size=0).HasField("dynamic_batching")
+
+
 def test_cpu_steps_warm_up_at_load_with_requests_they_accept():
     """The CPU encoder and decoder each carry one zero-filled batch-1 warm-up request (Triton
     runs it before the model is ready), with every input of the model at a fixed shape the

@@ -48,12 +48,13 @@ NAMES = spec.model_names("mobilesam")
 def small_queue_repository(built_repository, tmp_path_factory) -> Path:
     """The default variant of the test repository, with an encoder that takes
     one image per call, at most 2 new images let through to it (the default
-    mechanism: no Triton queue policy), and no embedding cache (configs
-    regenerated, ONNX reused)."""
+    mechanism: no Triton queue policy), no embedding cache, and sam_everything
+    serving one request while one more waits (configs regenerated, ONNX reused)."""
     source, _ = built_repository
     repo = tmp_path_factory.mktemp("small_queue") / "repo"
     variant = get_variant("mobilesam")
-    options = ServingOptions(encoder_max_batch_size=1, encoder_max_misses=2, embedding_cache_mb=0)
+    options = ServingOptions(encoder_max_batch_size=1, encoder_max_misses=2, embedding_cache_mb=0,
+                             everything_instances=1, everything_max_queue_size=1)
     configs = model_configs([variant], {variant.name: WeightsInfo("test", random=True)}, options)
     for name in configs:  # hard links: the ONNX files are not copied
         shutil.copytree(source / name, repo / name, copy_function=os.link)
@@ -114,6 +115,43 @@ def test_burst_beyond_the_queue_is_refused_fast(small_queue_server):
     assert server.is_ready(http)
     with SamClient(f"127.0.0.1:{grpc}") as client:  # and it serves again
         assert len(client.segment(*_new_image(7)).scores) == 2
+
+
+def test_everything_burst_beyond_its_queue_is_refused_fast(small_queue_server):
+    """sam_everything here serves one request and lets one wait: of 4 sent at once, 2 are refused
+    at once with ServerBusyError (Triton's queue policy, before the model sees them) and 2 are
+    served, with the masks the same request gets alone; box requests are not affected."""
+    (http, grpc, _), _ = small_queue_server
+    scene, _ = sample_scene(480, 320, seed=41)
+    image = encode(scene, "PNG")
+    # 64 points: 8 decoder requests one after another, seconds on 2 cores, so the burst overlaps.
+    params = dict(points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
+
+    def one(_):
+        started = time.perf_counter()
+        try:
+            with SamClient(f"127.0.0.1:{grpc}", timeout_s=300) as client:
+                return client.segment_everything(image, **params), time.perf_counter() - started
+        except ServerBusyError as e:
+            assert "maximum queue size" in str(e).lower()
+            return None, time.perf_counter() - started
+
+    with ThreadPoolExecutor(4) as pool:
+        outcomes = list(pool.map(one, range(4)))
+    served = [(r, t) for r, t in outcomes if r is not None]
+    refused = [t for r, t in outcomes if r is None]
+    print(f"\neverything burst of 4: {len(served)} served ({', '.join(f'{t:.1f}' for _, t in served)} s), "
+          f"{len(refused)} refused ({', '.join(f'{t:.2f}' for t in refused)} s)")
+    assert len(served) == 2 and len(refused) == 2
+    assert max(refused) < min(t for _, t in served)
+    with SamClient(f"127.0.0.1:{grpc}") as client:
+        alone = client.segment_everything(image, **params)
+        assert len(client.segment(*_new_image(8)).scores) == 2
+    assert len(alone) > 0  # thresholds at 0: the masks are compared, not only their count
+    for result, _ in served:
+        assert result.rles == alone.rles
+        np.testing.assert_array_equal(result.scores, alone.scores)
+    assert server.is_ready(http)
 
 
 def test_a_handle_outlived_by_its_slot_fails_unavailable_never_with_another_image(small_queue_server):

@@ -84,6 +84,14 @@ class ServingOptions:
     everything_instances: int = 2
     everything_decoder_prompts: int = 8
     everything_decoder_window: int = 1
+    # sam_everything requests waiting beyond the ones being served are refused
+    # at once with UNAVAILABLE ("exceeds maximum queue size"; the SDK's
+    # ServerBusyError) by a Triton queue policy: on the CPU one request is 1-20 s
+    # of decoder work, so a deeper queue only turns overload into timeouts.  The
+    # batcher's stall (above) can still delay a queued request's start, by up to
+    # 0.5 s against requests that take seconds (0.7 s python requests, 4 at once:
+    # 1 start of 24 waited 0.3 s with the policy, none without).  0: unbounded.
+    everything_max_queue_size: int = 4
     # 0 lets ONNX Runtime / OpenVINO use every core; set it when several instances share a host.
     intra_op_threads: int = 0
     # CPU target: each step's runtime and precision (samtriton.build.cpu_steps;
@@ -107,6 +115,8 @@ class ServingOptions:
             raise ValueError("embedding_handoff needs the CPU target's python decoder")
         if self.embedding_handoff_spare_slots < 1:
             raise ValueError(f"embedding_handoff_spare_slots must be >= 1, got {self.embedding_handoff_spare_slots}")
+        if self.everything_max_queue_size < 0:
+            raise ValueError(f"everything_max_queue_size must be >= 0 (0: unbounded), got {self.everything_max_queue_size}")
 
     @classmethod
     def for_target(cls, target: str, **overrides) -> "ServingOptions":
@@ -122,7 +132,8 @@ class ServingOptions:
             base.update(encoder_max_batch_size=8, encoder_queue_delay_us=1000, encoder_preferred_batch_sizes=(4, 8),
                         decoder_max_batch_size=4, decoder_queue_delay_us=500, preprocess_instances=4,
                         embedding_decode_threads=4,
-                        postprocess_instances=4, encoder_max_misses=128, embedding_handoff=False)
+                        postprocess_instances=4, encoder_max_misses=128, embedding_handoff=False,
+                        everything_max_queue_size=16)
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
 
@@ -249,6 +260,10 @@ def _everything(name: str, names: spec.ModelNames, variant: ModelVariant, weight
                     decoder_window=str(options.everything_decoder_window))
     for key, value in settings.items():
         cfg.parameters[key].string_value = value
+    if options.everything_max_queue_size > 0:
+        # With max_batch_size 0 the batcher still schedules one request at a time; it is here
+        # for its queue policy (Triton refuses the request beyond the bound before execute()).
+        cfg.dynamic_batching.default_queue_policy.max_queue_size = options.everything_max_queue_size
     return cfg
 
 
