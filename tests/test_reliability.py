@@ -120,7 +120,7 @@ def test_burst_beyond_the_queue_is_refused_fast(small_queue_server):
 def test_everything_burst_beyond_its_queue_is_refused_fast(small_queue_server):
     """sam_everything here serves one request and lets one wait: of 4 sent at once, 2 are refused
     at once with ServerBusyError (Triton's queue policy, before the model sees them) and 2 are
-    served, with the masks the same request gets alone; box requests are not affected."""
+    served, with the masks the same request gets alone; a box request is served right after."""
     (http, grpc, _), _ = small_queue_server
     scene, _ = sample_scene(480, 320, seed=41)
     image = encode(scene, "PNG")

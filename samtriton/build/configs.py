@@ -247,6 +247,19 @@ def _add_warmup(cfg: mc.ModelConfig, dims: Mapping[str, list[int]] | None = None
         warmup.inputs[t.name].CopyFrom(mc.ModelWarmup.Input(data_type=t.data_type, dims=shape, zero_data=True))
 
 
+def _queue_policy(cfg: mc.ModelConfig, max_queue_size: int, timeout_s: float = 0.0) -> None:
+    """Triton's default queue policy on `cfg`: requests waiting beyond `max_queue_size` are refused
+    at once, and with `timeout_s` those queued longer (REJECT; a client may ask for less).  With
+    neither the config is left as it was (no policy, and no `dynamic_batching` added)."""
+    if max_queue_size > 0:
+        cfg.dynamic_batching.default_queue_policy.max_queue_size = max_queue_size
+    if timeout_s > 0:
+        policy = cfg.dynamic_batching.default_queue_policy
+        policy.timeout_action = mc.ModelQueuePolicy.REJECT
+        policy.default_timeout_microseconds = int(timeout_s * 1e6)
+        policy.allow_timeout_override = True
+
+
 def _everything(name: str, names: spec.ModelNames, variant: ModelVariant, weights: WeightsInfo,
                 options: ServingOptions) -> mc.ModelConfig:
     """The BLS model behind segment-everything: it calls this variant's encoder and decoder itself."""
@@ -260,10 +273,9 @@ def _everything(name: str, names: spec.ModelNames, variant: ModelVariant, weight
                     decoder_window=str(options.everything_decoder_window))
     for key, value in settings.items():
         cfg.parameters[key].string_value = value
-    if options.everything_max_queue_size > 0:
-        # With max_batch_size 0 the batcher still schedules one request at a time; it is here
-        # for its queue policy (Triton refuses the request beyond the bound before execute()).
-        cfg.dynamic_batching.default_queue_policy.max_queue_size = options.everything_max_queue_size
+    # With max_batch_size 0 the batcher still schedules one request at a time; it is here
+    # for its queue policy (Triton refuses the request beyond the bound before execute()).
+    _queue_policy(cfg, options.everything_max_queue_size)
     return cfg
 
 
@@ -337,13 +349,7 @@ def variant_configs(variant: ModelVariant, weights: WeightsInfo, options: Servin
     enc.response_cache.enable = options.encoder_response_cache
     dec.dynamic_batching.max_queue_delay_microseconds = options.decoder_queue_delay_us
     for cfg, size in ((enc, options.encoder_max_queue_size), (dec, options.decoder_max_queue_size)):
-        policy = cfg.dynamic_batching.default_queue_policy
-        if size > 0:
-            policy.max_queue_size = size
-        if options.queue_timeout_s > 0:
-            policy.timeout_action = mc.ModelQueuePolicy.REJECT
-            policy.default_timeout_microseconds = int(options.queue_timeout_s * 1e6)
-            policy.allow_timeout_override = True
+        _queue_policy(cfg, size, options.queue_timeout_s)
 
     ensembles = [_ensemble(names.of(role), role, names, variant, weights, options.embedding_handoff)
                  for role in (spec.ENSEMBLE, spec.ENCODE_ENSEMBLE)]
